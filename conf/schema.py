@@ -1,0 +1,266 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` composes on top of `base_config`, so a YAML key that is not
+declared here, or a value of the wrong type, fails at start-up with the key's
+name. Fields marked `placement(...)` say *where* or *how widely* a step runs,
+not *what* it computes; they are left out of step fingerprints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+def placement(default, doc: str = ""):
+    """A field that does not change a step's result (kept out of its fingerprint)."""
+    return field(default=default, metadata={"placement": True, "doc": doc})
+
+
+@dataclass
+class PathsConfig:
+    root: str = "lmforge_runs"
+    """Every output (step directories, MLflow store, run summaries) goes below this folder."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Ray cluster to join ("auto", "ray://host:10001", ...). None: $RAY_ADDRESS, else an embedded local Ray."""
+    num_cpus: Optional[int] = None
+    """CPUs of the embedded local Ray (None: all cores). Ignored when joining a cluster."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI. None: $MLFLOW_TRACKING_URI, else sqlite:///<paths.root>/mlflow.db."""
+    experiment: str = "lmforge"
+    """MLflow experiment name."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Globs of corpus files: .txt/.md/.py (one document per file), .jsonl and .parquet (one per record)."""
+    builtin: list[str] = field(default_factory=list)
+    """Corpora that ship with Python: 'python_stdlib' (standard-library sources), 'pydoc_topics'."""
+    stdlib_exclude: list[str] = field(default_factory=list)
+    """Standard-library packages left out of 'python_stdlib' (e.g. those a fine-tuning task is built from)."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet) holding the document text."""
+    max_bytes: int = 0
+    """Deterministic sample of whole source files up to about this many bytes; 0 keeps everything."""
+    min_chars: int = 16
+    """Documents shorter than this after normalisation are dropped (counted as 'too_short')."""
+    on_error: str = "raise"
+    """An unreadable file: 'raise' stops with its name; 'skip' quarantines it, counts and lists it."""
+    seed: int = 0
+    """Seed of the sample."""
+    docs_per_shard: int = 2000
+    """Documents per output Parquet shard."""
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    """Byte-level BPE vocabulary size, special tokens included."""
+    min_frequency: int = 2
+    """A merge must occur at least this often in the training sample."""
+    train_sample_bytes: int = 20_000_000
+    """Bytes of training-split text the tokenizer is trained on."""
+    seq_len: int = 256
+    """Length of the packed training sequences."""
+    val_fraction: float = 0.05
+    """Share of documents (by hash of doc id) held out for validation."""
+    docs_per_task: int = placement(2000, "Documents encoded per parallel task.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Label of this size, shown in summaries."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 176
+    """Width of the MLP."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 4
+    """Key/value heads (grouped-query attention when below num_heads)."""
+    max_position_embeddings: int = 256
+    """Longest sequence the model accepts."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_embeddings: bool = True
+    """Share input embedding and output projection."""
+
+
+@dataclass
+class TrainConfig:
+    """What pretraining and fine-tuning share."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: str = "bf16"
+    """'bf16' (autocast on CPU, native on GPU; fp32 where unsupported) or 'fp32'."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all workers; gradient accumulation fills the gap."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping; 0 disables."""
+    eval_every: int = 50
+    """Validation every N steps (and at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per worker."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    log_every: int = placement(10, "Progress line and metric logging every N steps.")
+    num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.")
+    use_gpu: bool = placement(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    pass
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator."""
+    dropout: float = 0.05
+    """Dropout on the LoRA path."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Linear layers that get adapters."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (e.g. embed_tokens, which lets a
+    small model re-weight vocabulary it barely saw in pretraining)."""
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 16
+    """Trained key/value prefix length per layer."""
+    prefix_projection: bool = False
+    """Reparameterise the prefix through an MLP."""
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    method: str = "lora"
+    """'lora' or 'prefix'."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    max_length: int = 256
+    """Prompt plus target tokens; longer prompts are cut (their tail template is kept)."""
+
+
+@dataclass
+class StdlibTaskConfig:
+    packages: list[str] = field(default_factory=lambda: ["asyncio", "email", "multiprocessing", "unittest", "xml"])
+    """Standard-library packages whose functions are classified."""
+    max_per_label: int = 300
+    """Functions sampled per package (balanced classes)."""
+    min_lines: int = 4
+    """Shorter functions are skipped."""
+    max_chars: int = 1200
+    """Function source is cut to this many characters."""
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "classification"
+    """'classification' (fields text, label) or 'generation' (fields prompt, completion)."""
+    builtin: Optional[str] = None
+    """Build the data from Python itself: 'stdlib_packages'. None: read train_path / test_path."""
+    stdlib: StdlibTaskConfig = field(default_factory=StdlibTaskConfig)
+    train_path: Optional[str] = None
+    """JSONL of training records."""
+    test_path: Optional[str] = None
+    """JSONL of test records; None: a seeded split of train_path."""
+    test_fraction: float = 0.2
+    """Share held out for testing when test_path is None."""
+    val_fraction: float = 0.1
+    """Share of the training records used for validation during fine-tuning."""
+    prompt_template: str = "{text}\n### Label:"
+    """Prompt around the input field ({text} or {prompt})."""
+    seed: int = 0
+    """Seed of the splits."""
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int = 200
+    """Test examples scored per model (the first N of the test split)."""
+    ppl_batches: int = 16
+    """Validation sequences (of tokenizer.seq_len) for perplexity."""
+    num_samples: int = 3
+    """Sample generations from held-out text."""
+    sample_prompt_tokens: int = 24
+    """Prompt length of the sample generations."""
+    max_new_tokens: int = 32
+    """Generated tokens per sample (greedy)."""
+    num_threads: int = placement(2, "Torch threads of the evaluation task.")
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment_name: str = "default"
+    """Name of this experiment (MLflow run name)."""
+    dry_run: bool = False
+    """Print the plan (run/cached and why) and stop."""
+
+
+@dataclass
+class PretrainStepConfig:
+    """What the pretrain step reads: its fingerprint covers exactly this."""
+
+    model: ModelConfig
+    pretrain: PretrainConfig
+
+
+@dataclass
+class FinetuneStepConfig:
+    finetune: FinetuneConfig
+    task: TaskConfig
+
+
+@dataclass
+class EvaluateStepConfig:
+    eval: EvalConfig
+    task: TaskConfig
+    max_length: int
+    """finetune.max_length: prompts are cut the same way as in training."""
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

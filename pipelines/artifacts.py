@@ -1,0 +1,82 @@
+"""Step output directories: atomic publication and the manifest that makes a directory a result.
+
+A step writes into `<root>/<step>/.staging-<fingerprint>-<id>/`; when it succeeds the manifest
+(config, fingerprint, inputs, every file with size and SHA-256, metrics, code version, timings)
+is written into it last and the directory is renamed to `<root>/<step>/<fingerprint>/`.
+A directory without a valid manifest is never taken as a result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from tasks.common import write_json
+
+MANIFEST = "_manifest.json"
+
+
+def step_dir(root: Path, step: str, fingerprint: str) -> Path:
+    return root / step / fingerprint
+
+
+def staging_dir(root: Path, step: str, fingerprint: str) -> Path:
+    path = root / step / f".staging-{fingerprint}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_files(directory: Path) -> dict[str, dict]:
+    return {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def code_version() -> str:
+    """The git commit of the project (with '+dirty' for uncommitted changes), or 'unknown'."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def publish(staging: Path, final: Path, manifest: dict) -> dict:
+    """Write the manifest last, then move the finished directory into place."""
+    manifest = {**manifest, "files": list_files(staging)}
+    write_json(staging / MANIFEST, manifest)
+    if final.exists():  # a directory left by an attempt that never wrote its manifest
+        shutil.rmtree(final)
+    staging.rename(final)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest of a finished step, or None when the directory is not a complete result."""
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def previous_manifests(root: Path, step: str) -> list[dict]:
+    """Manifests of earlier runs of a step, newest first."""
+    found = [m for m in (read_manifest(d) for d in (root / step).glob("*") if not d.name.startswith(".")) if m]
+    return sorted(found, key=lambda m: m.get("finished_at", 0), reverse=True)

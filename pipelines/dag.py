@@ -1,0 +1,129 @@
+"""The pipeline graph: which steps exist, what config each reads, how they connect, and the plan.
+
+A step's fingerprint hashes (name, version, its own resolved config section without placement
+fields, upstream fingerprints); its output lives at `<root>/<step>/<fingerprint>/`. `plan`
+says per step *run* or *cached* and, for *run*, why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from conf.schema import Config, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig, TrainConfig
+from pipelines import artifacts
+from tasks import evaluate, finetune, ingest, pretrain, taskdata, tokenize
+
+
+def identity(section: Any) -> Any:
+    """The part of a config section that decides a step's result: placement fields dropped."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: identity(getattr(section, f.name)) for f in dataclasses.fields(section)
+                if not f.metadata.get("placement")}
+    if isinstance(section, (list, tuple)):
+        return [identity(item) for item in section]
+    if isinstance(section, dict):
+        return {key: identity(value) for key, value in section.items()}
+    return section
+
+
+def finetune_identity(section: FinetuneStepConfig) -> dict:
+    """Options of the finetuning methods not in use do not change the result."""
+    view = identity(section)
+    for method in finetune.FINETUNE_METHODS:
+        if method != section.finetune.method:
+            view["finetune"].pop(method, None)
+    return view
+
+
+def ingest_identity(section) -> dict:
+    return {**identity(section), "sources_digest": ingest.sources_digest(section)}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    version: int
+    fn: Callable
+    section: Callable[[Config], Any]
+    deps: tuple[str, ...] = ()
+    train: Optional[Callable[[Any], TrainConfig]] = None
+    """For training steps: where the workers' settings are; they run as a Ray Train job."""
+    identity: Callable[[Any], Any] = identity
+
+
+STEPS = (
+    Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity),
+    Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",)),
+    Step("pretrain", 1, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
+         train=lambda s: s.pretrain),
+    Step("taskdata", 1, taskdata.run, lambda c: c.task),
+    Step("finetune", 1, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
+         ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
+    Step("evaluate", 1, evaluate.run,
+         lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
+         ("tokenize", "pretrain", "taskdata", "finetune")),
+)
+
+
+def fingerprint(step: Step, view: Any, upstream: dict[str, str]) -> str:
+    payload = json.dumps({"step": step.name, "version": step.version, "config": view, "upstream": upstream},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class PlannedStep:
+    step: Step
+    section: Any
+    view: dict
+    fingerprint: str
+    upstream: dict[str, str]
+    out_dir: Path
+    status: str  # "run" or "cached"
+    reason: str
+
+
+def plan(cfg: Config, root: Path, steps=STEPS) -> list[PlannedStep]:
+    planned: dict[str, PlannedStep] = {}
+    for step in steps:
+        section = step.section(cfg)
+        view = step.identity(section)
+        upstream = {dep: planned[dep].fingerprint for dep in step.deps}
+        fp = fingerprint(step, view, upstream)
+        out_dir = artifacts.step_dir(root, step.name, fp)
+        if artifacts.read_manifest(out_dir):
+            status, reason = "cached", "same config and inputs"
+        else:
+            status, reason = "run", why_run(root, step, view, upstream, out_dir)
+        planned[step.name] = PlannedStep(step, section, view, fp, upstream, out_dir, status, reason)
+    return list(planned.values())
+
+
+def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -> str:
+    if out_dir.exists():
+        return "an earlier attempt did not finish"
+    previous = artifacts.previous_manifests(root, step.name)
+    if not previous:
+        return "no earlier run"
+    last = previous[0]
+    changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in diff(last.get("config", {}), view)]
+    changed_inputs = sorted(dep for dep, fp in upstream.items() if last.get("upstream", {}).get(dep) != fp)
+    reasons = []
+    if changes:
+        reasons.append("config changed (" + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "") + ")")
+    if changed_inputs:
+        reasons.append("upstream changed: " + ", ".join(changed_inputs))
+    return "; ".join(reasons) or "step code version changed"
+
+
+def diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [(prefix, old, new)]

@@ -1,0 +1,196 @@
+"""Runs the planned steps on Ray: data steps as Ray tasks (which fan out with `parallel_map`),
+training steps as Ray Train `TorchTrainer` jobs (gloo on CPU, NCCL on GPU). Cached steps
+are skipped. The only module that knows Ray.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conf.schema import Config
+from pipelines import artifacts
+from pipelines.dag import PlannedStep
+from pipelines.tracking import Tracker
+from tasks.common import Progress, TaskContext, UserError, write_json
+
+# Passed to every Ray worker: fewer framework messages between the progress lines.
+WORKER_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each worker line reaches the driver twice
+}
+TRAIN_METRICS = ".train_metrics.json"
+
+
+def start_ray(cfg: Config) -> dict:
+    """Join `ray.address` / $RAY_ADDRESS, or start an embedded local Ray. Returns cluster resources."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV},
+                  logging_config=ray.LoggingConfig(log_level="ERROR"))
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # An embedded Ray stays on loopback: nothing of it is reachable from other machines.
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    return ray.cluster_resources()
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def check_resources(planned: list[PlannedStep], resources: dict) -> None:
+    """A training job that asks for more than the cluster has would wait forever: say so now."""
+    for item in planned:
+        if item.status != "run" or item.step.train is None:
+            continue
+        train = item.step.train(item.section)
+        need = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": train.num_workers if train.use_gpu else 0}
+        for kind, amount in need.items():
+            if amount > resources.get(kind, 0):
+                raise UserError(f"{item.step.name}.num_workers x cpus_per_worker needs {amount:g} {kind}, "
+                                f"the Ray cluster has {resources.get(kind, 0):g}")
+
+
+def ray_map(fn, items: list, ctx: TaskContext | None = None) -> list:
+    """Run fn over items as parallel Ray tasks, with a progress line; results in input order."""
+    import ray
+
+    apply = ray.remote(num_cpus=1)(_apply)
+    futures = [apply.remote(fn, item) for item in items]
+    progress = Progress(ctx, len(futures), "parallel tasks") if ctx else None
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        if progress:
+            progress.update(len(done))
+    return ray.get(futures)
+
+
+def _apply(fn, item):
+    return fn(item)
+
+
+def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int) -> dict:
+    ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=num_cpus)
+    ctx.parallel_map = lambda fn, items: ray_map(fn, items, ctx)
+    return step.fn(section, inputs, Path(out_dir), ctx)
+
+
+def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict) -> dict:
+    import ray
+
+    task = ray.remote(num_cpus=1)(_run_task)
+    num_cpus = max(int(resources.get("CPU", 1)), 1)
+    return ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus))
+
+
+def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path) -> dict:
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = item.step.train(item.section)
+    step, section = item.step, item.section
+
+    def loop_per_worker(_config):
+        rank = ray.train.get_context().get_world_rank()
+        ctx = TaskContext(step.name, log_metrics=log_metrics if rank == 0 else _ignore, num_cpus=train.cpus_per_worker)
+        metrics = step.fn(section, inputs, out_dir, ctx)
+        if rank == 0:  # Ray Train keeps reported metrics only with checkpoints: hand them over as a file
+            write_json(out_dir / TRAIN_METRICS, metrics)
+
+    trainer = TorchTrainer(
+        loop_per_worker,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{step.name}-{item.fingerprint}-{uuid.uuid4().hex[:6]}",
+                             storage_path=str((root / ".ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
+    metrics_path = out_dir / TRAIN_METRICS
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.unlink()
+    return metrics
+
+
+def _ignore(*_args, **_kwargs) -> None:
+    return None
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str
+    seconds: float
+    fingerprint: str
+    out_dir: str
+    metrics: dict = field(default_factory=dict)
+    run_id: str = ""
+
+
+KEY_METRIC = {"ingest": "docs_kept", "tokenize": "train_tokens", "pretrain": "final_val_ppl",
+              "taskdata": "train_records", "finetune": "final_val_loss", "evaluate": "finetuned_accuracy"}
+
+
+def execute(planned: list[PlannedStep], cfg: Config, root: Path, tracker: Tracker, resources: dict) -> list[StepResult]:
+    results = []
+    for index, item in enumerate(planned, start=1):
+        name = item.step.name
+        inputs = {dep: root / dep / fp for dep, fp in item.upstream.items()}
+        run_id = tracker.start_step(name, item.fingerprint, item.status, item.reason, item.view)
+        started = time.monotonic()
+        if item.status == "cached":
+            manifest = artifacts.read_manifest(item.out_dir)
+            print(f"[{index}/{len(planned)}] {name}: cached ({item.fingerprint})", flush=True)
+        else:
+            print(f"[{index}/{len(planned)}] {name}: running, {item.reason}", flush=True)
+            manifest = run_step(item, inputs, root, tracker.metric_logger(run_id), resources, run_id, tracker)
+        seconds = time.monotonic() - started
+        metrics = manifest.get("metrics", {})
+        tracker.log_metrics(run_id, metrics)
+        tracker.log_artifacts(run_id, [item.out_dir / artifacts.MANIFEST, item.out_dir / "report.json",
+                                       item.out_dir / "quarantine.json"])
+        tracker.log_loss_curve(run_id, item.out_dir / "train_log.jsonl", f"{name} loss")
+        tracker.end(run_id)
+        results.append(StepResult(name, "ran" if item.status == "run" else "cached",
+                                  seconds if item.status == "run" else manifest.get("seconds", 0.0),
+                                  item.fingerprint, str(item.out_dir), metrics, run_id))
+    return results
+
+
+def run_step(item: PlannedStep, inputs: dict, root: Path, log_metrics, resources: dict, run_id: str,
+             tracker: Tracker) -> dict:
+    staging = artifacts.staging_dir(root, item.step.name, item.fingerprint)
+    started, started_wall = time.monotonic(), time.time()
+    try:
+        if item.step.train is not None:
+            metrics = run_training_step(item, inputs, staging, log_metrics, root)
+        else:
+            metrics = run_data_step(item, inputs, staging, log_metrics, resources)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        tracker.end(run_id, "FAILED")
+        raise
+    manifest = {
+        "step": item.step.name, "version": item.step.version, "fingerprint": item.fingerprint,
+        "config": item.view, "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
+        "code_version": artifacts.code_version(), "started_at": started_wall, "finished_at": time.time(),
+        "seconds": time.monotonic() - started, "mlflow_run_id": run_id,
+    }
+    return artifacts.publish(staging, item.out_dir, manifest)

@@ -1,0 +1,144 @@
+"""Entry point: compose the Hydra config -> validate -> plan -> execute on Ray -> summary.
+
+    python -m pipelines.run +experiment=quickstart [overrides]
+    python -m pipelines.run +experiment=quickstart dry_run=true      # the plan only
+    python -m pipelines.run -m +experiment=quickstart finetune.lora.r=4,8   # a sweep
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import Config, register_configs
+from pipelines import artifacts, dag, executor, tracking
+from pipelines.validate import validate
+from tasks.common import UserError, write_json
+
+register_configs()
+
+
+def print_plan(planned: list[dag.PlannedStep]) -> None:
+    print("plan:", flush=True)
+    for item in planned:
+        print(f"  {item.step.name:<9} {item.status:<6} {item.fingerprint}  {item.reason}", flush=True)
+
+
+def format_metric(step: str, metrics: dict) -> str:
+    key = executor.KEY_METRIC.get(step)
+    value = metrics.get(key)
+    if value is None:
+        return ""
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def print_summary(results: list[executor.StepResult], run_id: str, uri: str, summary_path: Path) -> None:
+    print("\nsummary:")
+    print(f"  {'step':<9} {'status':<7} {'seconds':>8}  key metric")
+    for r in results:
+        print(f"  {r.name:<9} {r.status:<7} {r.seconds:>8.1f}  {format_metric(r.name, r.metrics)}")
+    evaluation = next((r.metrics for r in results if r.name == "evaluate"), {})
+    if evaluation:
+        print_evaluation(evaluation)
+    print(f"\nMLflow parent run: {run_id}")
+    print(f"review it with:    {tracking.ui_command(uri)}")
+    print(f"summary JSON:      {summary_path}", flush=True)
+
+
+def print_evaluation(metrics: dict) -> None:
+    """Each model beside its baselines: perplexity on held-out pretraining text, then the task metrics."""
+    ppl = {name: metrics.get(f"ppl_{name}") for name in ("unigram", "pretrained", "finetuned")}
+    print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if v is not None))
+    models = [m for m in ("majority", "untuned", "finetuned") if any(k.startswith(m + "_") for k in metrics)]
+    names = sorted({k.split("_", 1)[1] for k in metrics for m in models if k.startswith(m + "_")})
+    print(f"  {'task':<10} " + " ".join(f"{n:>10}" for n in names))
+    for model in models:
+        print(f"  {model:<10} " + " ".join(f"{metrics.get(f'{model}_{n}', float('nan')):>10.3f}" for n in names))
+
+
+def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
+    root = Path(cfg.paths.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    planned = dag.plan(cfg, root)
+    print_plan(planned)
+    if cfg.dry_run:
+        return {"plan": [{"step": p.step.name, "status": p.status, "reason": p.reason} for p in planned]}
+
+    uri = tracking.resolve_uri(cfg.tracking.uri, root)
+    tracker = tracking.Tracker(uri, cfg.tracking.experiment, root)
+    resources = executor.start_ray(cfg)
+    try:
+        executor.check_resources(planned, resources)
+        tags = {"lmforge.code_version": artifacts.code_version(), "lmforge.experiment": cfg.experiment_name}
+        run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
+        tracker.log_text(run_id, resolved_yaml, "config.yaml")
+        try:
+            results = executor.execute(planned, cfg, root, tracker, resources)
+        except BaseException:
+            tracker.end(run_id, "FAILED")
+            raise
+        summary = {
+            "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": uri, "root": str(root),
+            "steps": [dataclasses.asdict(r) for r in results],
+        }
+        summary_path = root / "runs" / f"{run_id}.json"
+        summary_path.parent.mkdir(exist_ok=True)
+        write_json(summary_path, summary)
+        tracker.log_artifacts(run_id, [summary_path])
+        for r in results:
+            tracker.client.set_tag(run_id, f"lmforge.step.{r.name}", f"{r.status} {r.fingerprint}")
+        final = next((r.metrics for r in results if r.name == "evaluate"), {})
+        tracker.log_metrics(run_id, final)
+        tracker.end(run_id)
+        print_summary(results, run_id, uri, summary_path)
+        return summary
+    finally:
+        executor.stop_ray()
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The original error behind Ray's wrappers (a task's error, a Train worker group's failures)."""
+    while True:
+        inner = getattr(exc, "cause", None)
+        failures = list((getattr(exc, "worker_failures", None) or {}).values())
+        if isinstance(inner, BaseException):
+            exc = inner
+        elif failures:
+            exc = failures[0]
+        else:
+            return exc
+
+
+def describe_failure(exc: BaseException) -> tuple[str, bool]:
+    """One line for the user, and whether it is a UserError (bad input or config)."""
+    error = root_error(exc)
+    link = error
+    while link is not None:
+        if isinstance(link, UserError):
+            return str(link), True
+        link = link.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}", False
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg: Config = OmegaConf.to_object(dict_cfg)
+        run_pipeline(cfg, OmegaConf.to_yaml(dict_cfg, resolve=True))
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # every failure ends in one readable line; details are in the step logs above
+        message, is_user_error = describe_failure(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if is_user_error else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Cross-field checks of the typed config, run before any Ray or training work.
+
+Each failure is one UserError whose message starts with the config key at fault.
+"""
+from __future__ import annotations
+
+from conf.schema import Config, TrainConfig
+from tasks import finetune, taskdata
+from tasks.common import UserError
+from tasks.tokenize import SPECIAL_TOKENS
+
+PRECISIONS = ("bf16", "fp32")
+ON_ERROR = ("raise", "skip")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def validate_train(key: str, cfg: TrainConfig) -> None:
+    check(cfg.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage: must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    check(cfg.precision in PRECISIONS, f"{key}.precision: must be one of {PRECISIONS}, got '{cfg.precision}'")
+    for name in ("micro_batch_size", "global_batch_size", "max_steps", "num_workers", "cpus_per_worker",
+                 "eval_every", "log_every", "eval_batches"):
+        check(getattr(cfg, name) > 0, f"{key}.{name}: must be positive, got {getattr(cfg, name)}")
+    per_pass = cfg.micro_batch_size * cfg.num_workers
+    check(cfg.global_batch_size % per_pass == 0,
+          f"{key}.global_batch_size: {cfg.global_batch_size} is not a multiple of micro_batch_size x num_workers "
+          f"({cfg.micro_batch_size} x {cfg.num_workers})")
+    check(cfg.lr > 0, f"{key}.lr: must be positive, got {cfg.lr}")
+    check(0 <= cfg.warmup_steps <= cfg.max_steps, f"{key}.warmup_steps: must be within 0..max_steps ({cfg.max_steps})")
+    check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio: must be within 0..1")
+
+
+def validate(cfg: Config) -> None:
+    check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
+    check(cfg.data.docs_per_shard > 0, "data.docs_per_shard: must be positive")
+    tok, model = cfg.tokenizer, cfg.model
+    check(tok.vocab_size >= 256 + len(SPECIAL_TOKENS),
+          f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(SPECIAL_TOKENS)})")
+    check(tok.vocab_size <= 2**32, f"tokenizer.vocab_size: {tok.vocab_size} is too large")
+    check(0 < tok.val_fraction < 1, f"tokenizer.val_fraction: must be within (0, 1), got {tok.val_fraction}")
+    check(tok.seq_len >= 2, f"tokenizer.seq_len: must be at least 2, got {tok.seq_len}")
+    check(tok.seq_len <= model.max_position_embeddings,
+          f"tokenizer.seq_len: {tok.seq_len} exceeds model.max_position_embeddings ({model.max_position_embeddings})")
+    check(model.hidden_size % model.num_heads == 0,
+          f"model.hidden_size: {model.hidden_size} is not divisible by model.num_heads ({model.num_heads})")
+    check(model.num_heads % model.num_kv_heads == 0,
+          f"model.num_kv_heads: {model.num_kv_heads} does not divide model.num_heads ({model.num_heads})")
+    validate_train("pretrain", cfg.pretrain)
+    validate_train("finetune", cfg.finetune)
+    check(cfg.finetune.method in finetune.FINETUNE_METHODS,
+          f"finetune.method: unknown method '{cfg.finetune.method}' (known: {', '.join(finetune.FINETUNE_METHODS)})")
+    extra = cfg.finetune.prefix.num_virtual_tokens if cfg.finetune.method == "prefix" else 0
+    check(cfg.finetune.max_length + extra <= model.max_position_embeddings,
+          f"finetune.max_length: {cfg.finetune.max_length} (+{extra} virtual tokens) exceeds "
+          f"model.max_position_embeddings ({model.max_position_embeddings})")
+    validate_task(cfg)
+
+
+def validate_task(cfg: Config) -> None:
+    task = cfg.task
+    check(task.kind in taskdata.FIELDS, f"task.kind: must be one of {tuple(taskdata.FIELDS)}, got '{task.kind}'")
+    input_field = taskdata.FIELDS[task.kind][0]
+    check("{" + input_field + "}" in task.prompt_template,
+          f"task.prompt_template: must contain '{{{input_field}}}' for task.kind={task.kind}")
+    check(0 < task.test_fraction < 1 and 0 < task.val_fraction < 1, "task.test_fraction / task.val_fraction: must be within (0, 1)")
+    if task.builtin is None:  # read the user's files now: a bad record stops the run before any training
+        check(bool(task.train_path), "task.train_path: required when task.builtin is not set")
+        taskdata.load_records(task.train_path, task.kind, "task.train_path")
+        if task.test_path:
+            taskdata.load_records(task.test_path, task.kind, "task.test_path")
+    else:
+        check(task.builtin in ("stdlib_packages",), f"task.builtin: unknown data set '{task.builtin}' (known: stdlib_packages)")
+        check(task.kind == "classification", "task.kind: the 'stdlib_packages' data set is a classification task")

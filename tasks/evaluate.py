@@ -1,0 +1,162 @@
+"""evaluate: perplexity against a unigram baseline, the task metric of the fine-tuned model against
+the majority class and the untuned model, and sample generations. Writes report.json.
+
+Classification is scored by label likelihood: each example's candidate labels form one batch
+(prompt + " label" + EOS, right-padded), so a score never depends on the evaluation batch size,
+and ties go to the first label in sorted order.
+
+    run(cfg: EvaluateStepConfig, inputs={"tokenize", "pretrain", "taskdata", "finetune"}, out_dir, ctx)
+"""
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conf.schema import EvaluateStepConfig, TaskConfig
+from tasks.common import Progress, TaskContext, write_json, write_jsonl
+from tasks.finetune import collate, load_base_model
+from tasks.taskdata import encode_example, load_labels, load_split
+from tasks.tokenize import load_split as load_tokens
+from tasks.training import quiet_frameworks
+
+
+@torch.no_grad()
+def token_nll(model, rows: np.ndarray, batch_size: int = 8) -> float:
+    """Mean next-token negative log-likelihood (nats) over rows of equal length."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64))
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total, count = total + nll.item(), count + ids[:, 1:].numel()
+    return total / count
+
+
+def unigram_nll(train_rows: np.ndarray, rows: np.ndarray, vocab_size: int) -> float:
+    """The same targets as `token_nll`, predicted by add-one-smoothed training-set token frequencies."""
+    counts = np.bincount(np.asarray(train_rows).reshape(-1), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[np.asarray(rows)[:, 1:].astype(np.int64)].mean())
+
+
+@torch.no_grad()
+def label_log_likelihoods(model, tokenizer, record: dict, labels: list[str], task: TaskConfig,
+                          max_length: int) -> list[float]:
+    """Summed log-probability of each candidate label (+EOS) after the record's prompt."""
+    examples = [encode_example(tokenizer, {**record, "label": label}, task, max_length) for label in labels]
+    batch = collate(examples, tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1).tolist()
+
+
+def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
+    accuracy = sum(g == p for g, p in zip(gold, predicted)) / len(gold)
+    f1s = []
+    for label in labels:
+        tp = sum(g == p == label for g, p in zip(gold, predicted))
+        fp = sum(p == label != g for g, p in zip(gold, predicted))
+        fn = sum(g == label != p for g, p in zip(gold, predicted))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def classify(model, tokenizer, records: list[dict], labels: list[str], task: TaskConfig, max_length: int,
+             progress: Progress) -> list[str]:
+    predictions = []
+    for record in records:
+        scores = label_log_likelihoods(model, tokenizer, record, labels, task, max_length)
+        predictions.append(labels[int(np.argmax(scores))])
+        progress.update()
+    return predictions
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def generation_scores(model, tokenizer, records: list[dict], task: TaskConfig, max_length: int,
+                      max_new_tokens: int, progress: Progress) -> tuple[dict, list[str]]:
+    from sacrebleu.metrics import CHRF
+
+    outputs = []
+    for record in records:
+        ids, start = encode_example(tokenizer, record, task, max_length)
+        outputs.append(tokenizer.decode(generate(model, tokenizer, ids[:start], max_new_tokens),
+                                        skip_special_tokens=True).strip())
+        progress.update()
+    gold = [r["completion"].strip() for r in records]
+    chrf = CHRF().corpus_score(outputs, [gold]).score
+    return {"exact_match": sum(o == g for o, g in zip(outputs, gold)) / len(gold), "chrf": chrf}, outputs
+
+
+def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict, max_length: int,
+                 ctx: TaskContext) -> tuple[dict, list[dict]]:
+    task = cfg.task
+    test = load_split(inputs["taskdata"], "test")[: cfg.eval.max_examples]
+    progress = Progress(ctx, len(test) * len(models), "test examples")
+    results, predictions = {}, {}
+    if task.kind == "classification":
+        labels = load_labels(inputs["taskdata"])
+        majority = collections.Counter(r["label"] for r in load_split(inputs["taskdata"], "train")).most_common(1)[0][0]
+        results["majority"] = classification_scores([r["label"] for r in test], [majority] * len(test), labels)
+        for name, model in models.items():
+            predictions[name] = classify(model, tokenizer, test, labels, task, max_length, progress)
+            results[name] = classification_scores([r["label"] for r in test], predictions[name], labels)
+    else:
+        for name, model in models.items():
+            results[name], predictions[name] = generation_scores(
+                model, tokenizer, test, task, max_length, cfg.eval.max_new_tokens, progress)
+    target = "label" if task.kind == "classification" else "completion"
+    examples = [{"gold": r[target], **{f"{n}_prediction": predictions[n][i] for n in models}}
+                for i, r in enumerate(test[: max(cfg.eval.num_samples, 5)])]
+    return {"num_examples": len(test), "scores": results}, examples
+
+
+def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    quiet_frameworks()
+    torch.set_num_threads(cfg.eval.num_threads)
+    model_dir = Path(inputs["pretrain"]) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    base = load_base_model(model_dir).eval()
+    tuned = PeftModel.from_pretrained(load_base_model(model_dir), str(Path(inputs["finetune"]) / "adapter")).eval()
+    max_length = cfg.max_length
+
+    tokens_dir = Path(inputs["tokenize"])
+    train_rows, val_rows = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")[: cfg.eval.ppl_batches]
+    nll = {"unigram": unigram_nll(train_rows, val_rows, len(tokenizer)),
+           "pretrained": token_nll(base, val_rows), "finetuned": token_nll(tuned, val_rows)}
+    perplexity = {name: math.exp(value) for name, value in nll.items()}
+    ctx.say("validation perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()))
+
+    task, examples = task_metrics({"untuned": base, "finetuned": tuned}, tokenizer, cfg, inputs, max_length, ctx)
+    samples = []
+    for row in val_rows[: cfg.eval.num_samples]:
+        prompt = [int(t) for t in row[: cfg.eval.sample_prompt_tokens]]
+        samples.append({"prompt": tokenizer.decode(prompt),
+                        "continuation": tokenizer.decode(generate(base, tokenizer, prompt, cfg.eval.max_new_tokens))})
+    report = {"perplexity": perplexity, "nll": nll, "task": task, "task_kind": cfg.task.kind,
+              "task_examples": examples, "samples": samples}
+    write_json(out_dir / "report.json", report)
+    write_jsonl(out_dir / "samples.jsonl", samples + examples)
+    metrics = {f"ppl_{k}": v for k, v in perplexity.items()}
+    for model_name, scores in task["scores"].items():
+        metrics.update({f"{model_name}_{metric}": value for metric, value in scores.items()})
+    ctx.say(f"task ({task['num_examples']} test examples): " + "; ".join(
+        f"{m} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) for m, s in task["scores"].items()))
+    return metrics

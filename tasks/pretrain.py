@@ -1,0 +1,95 @@
+"""pretrain: a Llama-style causal LM from conf/model/*.yaml, trained with DeepSpeed ZeRO on the
+packed token arrays, exported as a Hugging Face directory (safetensors, config, tokenizer).
+
+`train_worker` runs in every data-parallel worker (the executor launches them with Ray
+Train); rank 0 writes the export and the training log.
+
+    train_worker(cfg: PretrainStepConfig, inputs={"tokenize": dir}, out_dir, ctx) -> metrics
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conf.schema import ModelConfig, PretrainStepConfig
+from tasks import training
+from tasks.common import TaskContext
+from tasks.tokenize import load_split
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
+    train_cfg = cfg.pretrain
+    training.setup_worker(train_cfg)
+    rank, world = training.rank_and_world()
+    tokenize_dir = Path(inputs["tokenize"])
+    meta = json.loads((tokenize_dir / "meta.json").read_text())
+    train_rows, val_rows = load_split(tokenize_dir, "train"), load_split(tokenize_dir, "val")
+
+    model = build_model(cfg.model, meta["vocab_size"], meta["pad_id"], meta["eos_id"])
+    num_params = count_parameters(model)
+    engine = training.init_engine(model, train_cfg, world)
+    if rank == 0:
+        ctx.say(f"{cfg.model.name}: {num_params / 1e6:.2f}M parameters, ZeRO-{train_cfg.zero_stage}, "
+                f"{world} worker(s), {len(train_rows):,} train rows of {meta['seq_len']}")
+
+    def to_batch(rows: np.ndarray) -> dict:
+        ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return {"input_ids": ids, "weight": len(ids)}
+
+    def forward(batch: dict) -> torch.Tensor:
+        return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def train_batch(step: int, micro: int) -> dict:
+        rows = training.sample_rows(step, micro, rank, world, train_cfg, len(train_rows))
+        return to_batch(train_rows[np.sort(rows)])
+
+    eval_batches = [to_batch(val_rows[i]) for i in training.eval_row_slices(len(val_rows), train_cfg, rank, world)]
+    log = training.TrainLog(ctx, rank, train_cfg.max_steps, train_cfg.global_batch_size * meta["seq_len"],
+                            out_dir / "train_log.jsonl")
+    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log)
+
+    with training.full_parameters(engine) as module:
+        if rank == 0:
+            export(module, tokenize_dir, out_dir, torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64)))
+    return {**metrics, "num_parameters": num_params}
+
+
+@torch.no_grad()
+def export(module: torch.nn.Module, tokenize_dir: Path, out_dir: Path, probe_ids: torch.Tensor) -> None:
+    """Save the Hugging Face directory, then prove it: reload it and compare logits on a probe
+    batch with the training weights. The probe and its logits are kept (export_check.safetensors)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    export_dir = out_dir / "model"
+    module.save_pretrained(str(export_dir), safe_serialization=True)
+    for item in (tokenize_dir / "tokenizer").iterdir():
+        shutil.copy(item, export_dir / item.name)
+    module.eval()
+    expected = module(input_ids=probe_ids).logits.float()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    error = (reloaded(input_ids=probe_ids).logits - expected).abs().max().item()
+    if error > 1e-4:
+        raise RuntimeError(f"exported model differs from the training weights (max logit error {error:.2e})")
+    save_file({"input_ids": probe_ids, "logits": expected.contiguous()}, str(out_dir / "export_check.safetensors"))

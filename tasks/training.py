@@ -1,0 +1,253 @@
+"""The training machinery that pretraining and fine-tuning share: DeepSpeed set-up from the typed
+config, the deterministic data order, and one flat training loop with evaluation and logging.
+
+Runs inside each data-parallel worker; torch.distributed is already initialised by the
+launcher (Ray Train), and rank 0 alone writes files and logs metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from conf.schema import TrainConfig
+from tasks.common import TaskContext, UserError, format_seconds
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def quiet_frameworks() -> None:
+    """Keep progress lines readable: framework chatter below warnings is dropped."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def setup_worker(cfg: TrainConfig) -> None:
+    quiet_frameworks()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    per_pass = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_pass:
+        raise UserError(f"global_batch_size ({cfg.global_batch_size}) is not a multiple of "
+                        f"micro_batch_size x num_workers ({per_pass})")
+    return cfg.global_batch_size // per_pass
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON, generated from the typed config (never hand-edited)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(cfg, world),
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # On GPUs bf16 is native; on CPUs the weights stay fp32 and the forward pass runs under autocast.
+        "bf16": {"enabled": cfg.precision == "bf16" and cfg.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def bf16_autocast_available() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(cfg: TrainConfig):
+    if cfg.precision == "bf16" and not cfg.use_gpu and bf16_autocast_available():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
+    """DeepSpeed engine over AdamW (no decay on norms and biases) and the warm-up/cosine schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def full_parameters(engine):
+    """All parameters materialised on every rank (ZeRO-3 partitions them); a no-op for stages 0-2."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield engine.module
+    else:
+        yield engine.module
+
+
+def sample_rows(step: int, micro: int, rank: int, world: int, cfg: TrainConfig, num_rows: int) -> np.ndarray:
+    """Rows of one micro-batch. The global sample index depends only on (step, position in the
+    global batch), so the data order is the same for any number of workers; each epoch is a
+    fresh seeded permutation."""
+    first = (step * cfg.global_batch_size + micro * cfg.micro_batch_size * world + rank * cfg.micro_batch_size)
+    rows = []
+    for index in range(first, first + cfg.micro_batch_size):
+        epoch, position = divmod(index, num_rows)
+        rows.append(_permutation(cfg.seed, epoch, num_rows)[position])
+    return np.asarray(rows)
+
+
+_PERMUTATIONS: dict = {}
+
+
+def _permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
+    key = (seed, epoch, num_rows)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    return _PERMUTATIONS[key]
+
+
+def eval_row_slices(num_rows: int, cfg: TrainConfig, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's share of the first eval_batches x micro_batch_size validation rows, in micro-batches.
+    Every rank gets the same number of batches (ZeRO-3 forward passes are collective)."""
+    total = min(cfg.eval_batches * cfg.micro_batch_size, num_rows) // world * world
+    mine = np.arange(rank, total, world)
+    return [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@dataclass
+class TrainLog:
+    """Rank 0's progress lines, metric calls and the history file (train_log.jsonl)."""
+
+    ctx: TaskContext
+    rank: int
+    max_steps: int
+    tokens_per_step: int
+    history_path: Path
+
+    def __post_init__(self):
+        self.start = self.last_time = time.monotonic()
+        self.last_step = 0
+
+    def record(self, step: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        now = time.monotonic()
+        steps_done = step - self.last_step
+        metrics["tokens_per_s"] = steps_done * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        with open(self.history_path, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.ctx.log_metrics(metrics, step)
+        eta = (now - self.start) / step * (self.max_steps - step)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens_per_s")
+        self.ctx.say(f"step {step}/{self.max_steps} {shown} tok/s {metrics['tokens_per_s']:,.0f} "
+                     f"eta {format_seconds(eta)}")
+
+
+def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
+          log: TrainLog) -> dict:
+    """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
+    `eval_batches`: this rank's validation batches."""
+    accum = engine.gradient_accumulation_steps()
+    window_loss, window_steps = 0.0, 0
+    engine.train()
+    for step in range(cfg.max_steps):
+        for micro in range(accum):
+            with autocast(cfg):
+                loss = forward(train_batch(step, micro))
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.item() / accum
+        window_steps += 1
+        done = step + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.max_steps
+        eval_now = done % cfg.eval_every == 0 or done == cfg.max_steps
+        if not (log_now or eval_now):
+            continue
+
+        # --- metrics: training loss averaged over ranks and the steps since the last record ---
+        total, count = all_reduce_sum([window_loss, window_steps])
+        metrics = {"loss": total / count, "lr": engine.get_lr()[0]}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        window_loss, window_steps = 0.0, 0
+
+        # --- evaluation on held-out data ---
+        if eval_now:
+            metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+        log.record(done, metrics)
+    return log_final(log)
+
+
+def evaluate_loss(engine, cfg: TrainConfig, forward: Callable, eval_batches: list) -> float:
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches:
+            with autocast(cfg):
+                loss = forward(batch)
+            weight = batch["weight"]
+            total += loss.item() * weight
+            count += weight
+    engine.train()
+    total, count = all_reduce_sum([total, count])
+    return total / max(count, 1)
+
+
+def log_final(log: TrainLog) -> dict:
+    if log.rank != 0 or not log.history_path.exists():
+        return {}
+    rows = [json.loads(line) for line in log.history_path.read_text().splitlines()]
+    final = {f"final_{k}": v for k, v in rows[-1].items() if k in ("loss", "val_loss", "val_ppl")}
+    speeds = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
+    final["tokens_per_s"] = float(np.median(speeds))
+    final["train_seconds"] = time.monotonic() - log.start
+    return final

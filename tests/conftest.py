@@ -1,0 +1,42 @@
+"""Shared fixtures: Hydra composition of the project's config and tiny data sets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conf.schema import Config, register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+register_configs()
+
+
+def compose_config(overrides: list[str] = (), config_dir: Path = CONF_DIR) -> Config:
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> Config:
+    return compose_config(["+experiment=tiny", f"paths.root={tmp_path / 'runs'}"])
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """A few documents in every supported format, with an empty one and a duplicate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("The first document.\r\nIt has two lines.   \n\n\n\nAnd a gap.")
+    (d / "b.md").write_text("   \n  ")  # empty after normalisation
+    (d / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in
+                                         ["A record in JSON lines.", "The first document.\nIt has two lines.\n\nAnd a gap.", "x"]))
+    pq.write_table(pa.table({"body": ["A parquet row of text.", "Another parquet row."]}), d / "d.parquet")
+    return d

@@ -1,0 +1,103 @@
+"""pretrain, finetune and evaluate for real on tiny inputs, in this process (one rank, no Ray):
+DeepSpeed ZeRO, the Hugging Face export, PEFT adapters and the evaluation report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conf.schema import EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig
+from tasks import evaluate, finetune, ingest, pretrain, taskdata, tokenize
+from tasks.common import TaskContext
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """What a launcher provides: a one-process gloo group (DeepSpeed joins it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory, single_rank):
+    from tests.conftest import compose_config
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = compose_config(["+experiment=tiny", "pretrain.num_workers=1", "pretrain.cpus_per_worker=2"])
+    dirs = {name: root / name for name in ("ingest", "tokenize", "pretrain", "taskdata")}
+    for d in dirs.values():
+        d.mkdir()
+    ctx = lambda name: TaskContext(name)
+    ingest.run(cfg.data, {}, dirs["ingest"], ctx("ingest"))
+    tokenize.run(cfg.tokenizer, {"ingest": dirs["ingest"]}, dirs["tokenize"], ctx("tokenize"))
+    metrics = pretrain.train_worker(PretrainStepConfig(cfg.model, cfg.pretrain), {"tokenize": dirs["tokenize"]},
+                                    dirs["pretrain"], ctx("pretrain"))
+    taskdata.run(cfg.task, {}, dirs["taskdata"], ctx("taskdata"))
+    return cfg, dirs, metrics
+
+
+def run_finetune(cfg, dirs, out_dir, **changes):
+    out_dir.mkdir()
+    ft = dataclasses.replace(cfg.finetune, **changes)
+    metrics = finetune.train_worker(FinetuneStepConfig(ft, cfg.task),
+                                    {"pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"]}, out_dir, TaskContext("finetune"))
+    return ft, metrics
+
+
+def test_pretrain_logs_and_exports_a_loadable_model(steps):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, dirs, metrics = steps
+    log = [json.loads(l) for l in (dirs["pretrain"] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8] and all(r["tokens_per_s"] > 0 for r in log)
+    assert "val_loss" in log[1] and log[-1]["loss"] < log[0]["loss"]
+    assert metrics["num_parameters"] > 0 and metrics["final_val_ppl"] > 1
+    model = AutoModelForCausalLM.from_pretrained(dirs["pretrain"] / "model")
+    assert AutoTokenizer.from_pretrained(dirs["pretrain"] / "model").eos_token == tokenize.EOS
+    assert model.config.num_hidden_layers == cfg.model.num_layers
+
+
+@pytest.mark.parametrize("method,zero_stage", [("lora", 2), ("prefix", 3)])
+def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage):
+    from peft import PeftModel
+
+    cfg, dirs, _ = steps
+    ft, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method=method, zero_stage=zero_stage)
+    assert metrics["trainable_parameters"] > 0
+    base = finetune.load_base_model(dirs["pretrain"] / "model")
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "finetune" / "adapter"), PeftModel)
+
+    out = tmp_path / "evaluate"
+    out.mkdir()
+    inputs = {"tokenize": dirs["tokenize"], "pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"],
+              "finetune": tmp_path / "finetune"}
+    result = evaluate.run(EvaluateStepConfig(cfg.eval, cfg.task, ft.max_length), inputs, out, TaskContext("evaluate"))
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["task"]["scores"]) == {"majority", "untuned", "finetuned"}
+    assert report["perplexity"]["pretrained"] == pytest.approx(result["ppl_pretrained"])
+    assert len(report["samples"]) == cfg.eval.num_samples
+
+
+def test_label_scores_do_not_depend_on_what_else_is_scored(steps):
+    """Each example is scored on its own batch of candidates: the same scores alone or in a run."""
+    from transformers import AutoTokenizer
+
+    cfg, dirs, _ = steps
+    model = finetune.load_base_model(dirs["pretrain"] / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(dirs["pretrain"] / "model")
+    records = taskdata.load_split(dirs["taskdata"], "test")[:4]
+    labels = taskdata.load_labels(dirs["taskdata"])
+    alone = [evaluate.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 96) for r in records]
+    again = [evaluate.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 96) for r in reversed(records)]
+    assert alone == again[::-1]
+    # right padding: a shorter candidate's score equals its score computed without any padding
+    ids, start = taskdata.encode_example(tokenizer, {**records[0], "label": labels[0]}, cfg.task, 96)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    unpadded = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))
+    assert alone[0][0] == pytest.approx(unpadded, abs=1e-4)

@@ -1,0 +1,76 @@
+"""Every YAML in conf/ composes against its schema; bad keys, types and combinations fail early."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conf.schema import Config
+from pipelines.validate import validate
+from tasks.common import UserError
+from tests.conftest import CONF_DIR, compose_config
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "__pycache__"))
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))])
+def test_every_group_option_composes(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "files"):
+        overrides.append(f"data.paths=[{tmp_path}/*.txt]")
+    if (group, option) == ("task", "jsonl"):
+        overrides.append(f"task.train_path={tmp_path}/train.jsonl")
+    cfg = compose_config(overrides)
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    validate(cfg)
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose_config(["+experiment=tiny", "pretrain.no_such_key=1"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises((ConfigCompositionException, ValidationError), match="max_steps"):
+        compose_config(["+experiment=tiny", "pretrain.max_steps=many"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("tokenizer.seq_len=512", "tokenizer.seq_len"),
+    ("pretrain.global_batch_size=6", "pretrain.global_batch_size"),
+    ("pretrain.zero_stage=4", "pretrain.zero_stage"),
+    ("finetune.method=adapters", "finetune.method"),
+    ("model.num_heads=3", "model.hidden_size"),
+    ("pretrain.precision=fp8", "pretrain.precision"),
+    ("task.prompt_template=no-placeholder", "task.prompt_template"),
+    ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
+])
+def test_inconsistent_config_names_the_key(override, key):
+    cfg = compose_config(["+experiment=tiny", override])
+    with pytest.raises(UserError, match=f"^{key}"):
+        validate(cfg)
+
+
+def test_experiment_outside_the_repo(tmp_path):
+    """A user keeps experiments in their own folder and adds it to Hydra's search path."""
+    user = tmp_path / "my_conf" / "experiment"
+    user.mkdir(parents=True)
+    (user / "mine.yaml").write_text("# @package _global_\nexperiment_name: mine\npretrain:\n  max_steps: 3\n")
+    cfg = compose_config([f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "+experiment=mine"])
+    assert cfg.experiment_name == "mine" and cfg.pretrain.max_steps == 3
+
+
+def test_finetune_file_with_missing_field_is_reported_by_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    cfg = compose_config(["+experiment=tiny", "task=jsonl", f"task.train_path={data}"])
+    with pytest.raises(UserError, match=rf"{data}:2: missing field 'label'"):
+        validate(cfg)

@@ -1,0 +1,72 @@
+"""Fingerprints, the plan and its reasons, and atomic publication of step directories."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipelines import artifacts, dag
+from tests.conftest import compose_config
+
+
+def fingerprints(cfg, root):
+    return {p.step.name: p.fingerprint for p in dag.plan(cfg, root)}
+
+
+def test_fingerprints_are_stable_and_ignore_placement(tiny_cfg, tmp_path):
+    base = fingerprints(tiny_cfg, tmp_path)
+    assert base == fingerprints(tiny_cfg, tmp_path)
+    moved = dataclasses.replace(tiny_cfg, pretrain=dataclasses.replace(tiny_cfg.pretrain, num_workers=1, log_every=1))
+    assert fingerprints(moved, tmp_path) == base
+
+
+def test_finetune_option_changes_only_finetune_and_evaluate(tiny_cfg, tmp_path):
+    base = fingerprints(tiny_cfg, tmp_path)
+    lora = dataclasses.replace(tiny_cfg.finetune.lora, r=4)
+    changed = fingerprints(dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, lora=lora)), tmp_path)
+    assert {name for name in base if base[name] != changed[name]} == {"finetune", "evaluate"}
+
+
+def test_options_of_an_unused_method_do_not_rerun(tiny_cfg, tmp_path):
+    prefix = dataclasses.replace(tiny_cfg.finetune.prefix, num_virtual_tokens=3)
+    changed = dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, prefix=prefix))
+    assert fingerprints(changed, tmp_path) == fingerprints(tiny_cfg, tmp_path)
+
+
+def test_model_change_reruns_pretrain_and_everything_downstream(tiny_cfg, tmp_path):
+    base = fingerprints(tiny_cfg, tmp_path)
+    changed = fingerprints(dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, num_layers=3)), tmp_path)
+    assert {n for n in base if base[n] != changed[n]} == {"pretrain", "finetune", "evaluate"}
+
+
+def test_plan_says_cached_and_why_it_runs(tiny_cfg, tmp_path):
+    root = tmp_path / "root"
+    first = {p.step.name: p for p in dag.plan(tiny_cfg, root)}
+    assert all(p.status == "run" and p.reason == "no earlier run" for p in first.values())
+
+    for name in ("ingest", "tokenize", "pretrain", "taskdata", "finetune"):  # pretend they finished
+        p = first[name]
+        staging = artifacts.staging_dir(root, name, p.fingerprint)
+        artifacts.publish(staging, p.out_dir, {"config": p.view, "upstream": p.upstream, "finished_at": 1.0})
+    lora = dataclasses.replace(tiny_cfg.finetune.lora, r=2)
+    second = {p.step.name: p for p in dag.plan(
+        dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, lora=lora)), root)}
+    assert [n for n, p in second.items() if p.status == "cached"] == ["ingest", "tokenize", "pretrain", "taskdata"]
+    assert second["finetune"].reason == "config changed (finetune.lora.r: 16 -> 2)"
+    assert second["evaluate"].reason == "no earlier run"
+
+
+def test_directory_without_manifest_is_not_a_result(tiny_cfg, tmp_path):
+    ingest = dag.plan(tiny_cfg, tmp_path)[0]
+    ingest.out_dir.mkdir(parents=True)
+    (ingest.out_dir / "shards").mkdir()
+    replanned = dag.plan(tiny_cfg, tmp_path)[0]
+    assert replanned.status == "run" and replanned.reason == "an earlier attempt did not finish"
+
+
+def test_publish_records_every_file_with_its_hash(tmp_path):
+    staging = artifacts.staging_dir(tmp_path, "step", "abc")
+    (staging / "sub").mkdir()
+    (staging / "sub" / "data.bin").write_bytes(b"12345")
+    manifest = artifacts.publish(staging, tmp_path / "step" / "abc", {"step": "step"})
+    assert not staging.exists()
+    assert manifest["files"]["sub/data.bin"]["bytes"] == 5
+    assert artifacts.read_manifest(tmp_path / "step" / "abc")["files"] == manifest["files"]
