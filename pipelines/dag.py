@@ -109,7 +109,9 @@ def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -
     previous = artifacts.previous_manifests(root, step.name)
     if not previous:
         return "no earlier run"
-    last = previous[0]
+    # Explain against the closest earlier run (fewest differences; the newest among equals).
+    last = min(previous, key=lambda m: len(diff(m.get("config", {}), view)) +
+               sum(m.get("upstream", {}).get(d) != fp for d, fp in upstream.items()))
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in diff(last.get("config", {}), view)]
     changed_inputs = sorted(dep for dep, fp in upstream.items() if last.get("upstream", {}).get(dep) != fp)
     reasons = []
