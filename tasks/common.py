@@ -93,6 +93,18 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     return count
 
 
+def iter_jsonl(path) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; UserError names the file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(f"{path}:{lineno}: not a valid JSON line") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

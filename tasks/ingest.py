@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import os
 import re
 import sysconfig
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.schema import DataConfig
-from tasks.common import Progress, TaskContext, UserError, hash_fraction, stable_hash, write_json
+from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, stable_hash, write_json
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet"}
@@ -156,17 +155,10 @@ def source_encoding(path: str, data: bytes, strict: bool = True) -> str:
 
 def _read_jsonl(path: str, text_field: str) -> list[tuple[str, str]]:
     docs = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UserError(f"{path}:{lineno}: not a valid JSON line ({exc.__class__.__name__})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(f"{path}:{lineno}: no string field '{text_field}' (data.text_field)")
-            docs.append((f"{path}:{lineno}", record[text_field]))
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise UserError(f"{path}:{lineno}: no string field '{text_field}' (data.text_field)")
+        docs.append((f"{path}:{lineno}", record[text_field]))
     return docs
 
 

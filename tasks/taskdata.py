@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 from conf.schema import StdlibTaskConfig, TaskConfig
-from tasks.common import TaskContext, UserError, hash_fraction, read_jsonl, write_json, write_jsonl
+from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, read_jsonl, write_json, write_jsonl
 
 FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion")}
 SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
@@ -24,27 +24,18 @@ SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 
 def load_records(path: str, kind: str, key: str) -> list[dict]:
     """Read and check a JSONL file; UserError names the file, line and field."""
-    import json
-
     if kind not in FIELDS:
         raise UserError(f"task.kind: unknown kind '{kind}' (known: {', '.join(FIELDS)})")
     if not Path(path).is_file():
         raise UserError(f"{key}: no such file '{path}'")
     records = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise UserError(f"{path}:{lineno}: not a valid JSON line") from None
-            for name in FIELDS[kind]:
-                if not isinstance(record, dict) or name not in record:
-                    raise UserError(f"{path}:{lineno}: missing field '{name}' (task.kind={kind})")
-                if not isinstance(record[name], str) or not record[name].strip():
-                    raise UserError(f"{path}:{lineno}: field '{name}' must be a non-empty string")
-            records.append({name: record[name] for name in FIELDS[kind]})
+    for lineno, record in iter_jsonl(path):
+        for name in FIELDS[kind]:
+            if not isinstance(record, dict) or name not in record:
+                raise UserError(f"{path}:{lineno}: missing field '{name}' (task.kind={kind})")
+            if not isinstance(record[name], str) or not record[name].strip():
+                raise UserError(f"{path}:{lineno}: field '{name}' must be a non-empty string")
+        records.append({name: record[name] for name in FIELDS[kind]})
     if not records:
         raise UserError(f"{key}: '{path}' holds no records")
     return records

@@ -53,6 +53,7 @@ def steps(tmp_path_factory, single_rank):
 
 
 def run_finetune(cfg, dirs, out_dir, **changes):
+    """Fine-tune with cfg.finetune changed by `changes`; returns (finetune config, metrics)."""
     out_dir.mkdir()
     ft = dataclasses.replace(cfg.finetune, **changes)
     metrics = finetune.train_worker(FinetuneStepConfig(ft, cfg.task),
@@ -112,3 +113,27 @@ def test_label_scores_do_not_depend_on_what_else_is_scored(steps):
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
     unpadded = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))
     assert alone[0][0] == pytest.approx(unpadded, abs=1e-4)
+
+
+def test_generation_task_end_to_end(steps, tmp_path):
+    """prompt/completion records: loss on the completion, exact match and chrF in the report."""
+    cfg, dirs, _ = steps
+    data = tmp_path / "gen.jsonl"
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"] * 3
+    data.write_text("\n".join(json.dumps({"prompt": f"def get_{n}{i}(self):", "completion": f"return self.{n}{i}"})
+                              for i, n in enumerate(names)))
+    task = dataclasses.replace(cfg.task, kind="generation", builtin=None, train_path=str(data),
+                               prompt_template="{prompt}\n    ", test_fraction=0.3, val_fraction=0.2)
+    (tmp_path / "taskdata").mkdir()
+    taskdata.run(task, {}, tmp_path / "taskdata", TaskContext("taskdata"))
+    gen_dirs = {**dirs, "taskdata": tmp_path / "taskdata"}
+    ft, _ = run_finetune(dataclasses.replace(cfg, task=task), gen_dirs, tmp_path / "finetune")
+    (tmp_path / "evaluate").mkdir()
+    inputs = {"tokenize": dirs["tokenize"], "pretrain": dirs["pretrain"], "taskdata": tmp_path / "taskdata",
+              "finetune": tmp_path / "finetune"}
+    metrics = evaluate.run(EvaluateStepConfig(cfg.eval, task, ft.max_length), inputs, tmp_path / "evaluate",
+                           TaskContext("evaluate"))
+    for model in ("untuned", "finetuned"):
+        assert 0 <= metrics[f"{model}_exact_match"] <= 1 and 0 <= metrics[f"{model}_chrf"] <= 100
+    examples = json.loads((tmp_path / "evaluate" / "report.json").read_text())["task_examples"]
+    assert examples[0]["gold"].startswith("return self.")
