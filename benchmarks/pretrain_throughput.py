@@ -45,7 +45,7 @@ def make_config(args, root: Path) -> Config:
 
 
 def prepare_tokens(cfg: Config, root: Path) -> Path:
-    ingest_dir, tokenize_dir = root / "ingest", root / "tokenize"
+    ingest_dir, tokenize_dir = root / "prepared" / "ingest", root / "prepared" / "tokenize"
     ingest_dir.mkdir(parents=True), tokenize_dir.mkdir()
     ingest.run(cfg.data, {}, ingest_dir, TaskContext("ingest"))
     tokenize.run(cfg.tokenizer, {"ingest": ingest_dir}, tokenize_dir, TaskContext("tokenize"))
@@ -103,13 +103,9 @@ def main() -> None:
         root = Path(tmp)
         cfg = make_config(args, root)
         tokenize_dir = prepare_tokens(cfg, root)
-        # The stage's tokens are read from the tokenize step's directory in its fingerprinted place.
-        item = next(p for p in dag.plan(cfg, root) if p.step.name == "tokenize")
-        item.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tokenize_dir.rename(item.out_dir)
-        bare_before = bare_loop(cfg, item.out_dir, args.log_every)
-        stage = pipeline_stage(cfg, root, item.out_dir)
-        bare_after = bare_loop(cfg, item.out_dir, args.log_every)
+        bare_before = bare_loop(cfg, tokenize_dir, args.log_every)
+        stage = pipeline_stage(cfg, root, tokenize_dir)
+        bare_after = bare_loop(cfg, tokenize_dir, args.log_every)
     bare = (bare_before + bare_after) / 2
     print(f"model={args.model} batch={args.batch}x{cfg.tokenizer.seq_len} threads={args.threads} "
           f"precision={args.precision} zero={args.zero_stage} steps={args.steps}")
