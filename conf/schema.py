@@ -130,6 +130,10 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation and data order."""
     log_every: int = placement(10, "Progress line and metric logging every N steps.")
+    checkpoint_every: int = placement(
+        0, "Resumable checkpoint every N steps (a multiple of log_every; 0: none). A rerun after a crash "
+           "continues from the newest one, with the same losses as an uninterrupted run.")
+    keep_checkpoints: int = placement(2, "Newest checkpoints kept while training; all are removed once the step finishes.")
     num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.")
     use_gpu: bool = placement(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")

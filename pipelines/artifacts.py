@@ -29,6 +29,12 @@ def staging_dir(root: Path, step: str, fingerprint: str) -> Path:
     return path
 
 
+def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
+    """A training step's working directory: fixed per fingerprint, so a rerun after a crash finds
+    the checkpoints the previous attempt left there and continues from them."""
+    return root / step / f".partial-{fingerprint}"
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -106,6 +106,8 @@ def plan(cfg: Config, root: Path, steps=STEPS) -> list[PlannedStep]:
 def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -> str:
     if out_dir.exists():
         return "an earlier attempt did not finish"
+    if (artifacts.partial_dir(root, step.name, out_dir.name) / "checkpoints" / "latest").exists():
+        return "an earlier attempt stopped; continuing from its last checkpoint"
     previous = artifacts.previous_manifests(root, step.name)
     if not previous:
         return "no earlier run"

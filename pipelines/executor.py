@@ -99,6 +99,7 @@ def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, r
 
 
 def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path) -> dict:
+    import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -107,6 +108,8 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
     step, section = item.step, item.section
 
     def loop_per_worker(_config):
+        if not train.use_gpu:  # DeepSpeed would otherwise probe for accelerators and warn about it
+            os.environ["DS_ACCELERATOR"] = "cpu"
         rank = ray.train.get_context().get_world_rank()
         ctx = TaskContext(step.name, log_metrics=log_metrics if rank == 0 else _ignore, num_cpus=train.cpus_per_worker)
         metrics = step.fn(section, inputs, out_dir, ctx)
@@ -120,7 +123,8 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(name=f"{step.name}-{item.fingerprint}-{uuid.uuid4().hex[:6]}",
                              storage_path=str((root / ".ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()
     metrics_path = out_dir / TRAIN_METRICS
@@ -176,15 +180,21 @@ def execute(planned: list[PlannedStep], cfg: Config, root: Path, tracker: Tracke
 
 def run_step(item: PlannedStep, inputs: dict, root: Path, log_metrics, resources: dict, run_id: str,
              tracker: Tracker) -> dict:
-    staging = artifacts.staging_dir(root, item.step.name, item.fingerprint)
+    training = item.step.train is not None
+    if training:
+        staging = artifacts.partial_dir(root, item.step.name, item.fingerprint)
+        staging.mkdir(parents=True, exist_ok=True)
+    else:
+        staging = artifacts.staging_dir(root, item.step.name, item.fingerprint)
     started, started_wall = time.monotonic(), time.time()
     try:
-        if item.step.train is not None:
+        if training:
             metrics = run_training_step(item, inputs, staging, log_metrics, root)
         else:
             metrics = run_data_step(item, inputs, staging, log_metrics, resources)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not training:  # a training step keeps its checkpoints for the next attempt
+            shutil.rmtree(staging, ignore_errors=True)
         tracker.end(run_id, "FAILED")
         raise
     manifest = {

@@ -29,6 +29,9 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
           f"{key}.global_batch_size: {cfg.global_batch_size} is not a multiple of micro_batch_size x num_workers "
           f"({cfg.micro_batch_size} x {cfg.num_workers})")
     check(cfg.lr > 0, f"{key}.lr: must be positive, got {cfg.lr}")
+    check(cfg.checkpoint_every >= 0 and cfg.checkpoint_every % cfg.log_every == 0,
+          f"{key}.checkpoint_every: must be 0 or a multiple of {key}.log_every ({cfg.log_every}), got {cfg.checkpoint_every}")
+    check(cfg.keep_checkpoints >= 1, f"{key}.keep_checkpoints: must be at least 1")
     check(0 <= cfg.warmup_steps <= cfg.max_steps, f"{key}.warmup_steps: must be within 0..max_steps ({cfg.max_steps})")
     check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio: must be within 0..1")
 

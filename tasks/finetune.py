@@ -92,10 +92,11 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     mean_tokens = sum(len(ids) for ids, _ in train_examples) / len(train_examples)
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, int(train_cfg.global_batch_size * mean_tokens),
                             out_dir / "train_log.jsonl")
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log)
+    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
 
     with training.full_parameters(engine) as module:
         if rank == 0:
             module.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
             tokenizer.save_pretrained(str(out_dir / "adapter"))
+    training.remove_checkpoints(out_dir / "checkpoints", rank)
     return {**metrics, "trainable_parameters": trainable}

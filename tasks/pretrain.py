@@ -67,11 +67,12 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
     eval_batches = [to_batch(val_rows[i]) for i in training.eval_row_slices(len(val_rows), train_cfg, rank, world)]
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, train_cfg.global_batch_size * meta["seq_len"],
                             out_dir / "train_log.jsonl")
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log)
+    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
 
     with training.full_parameters(engine) as module:
         if rank == 0:
             export(module, tokenize_dir, out_dir, torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64)))
+    training.remove_checkpoints(out_dir / "checkpoints", rank)
     return {**metrics, "num_parameters": num_params}
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -172,7 +173,17 @@ class TrainLog:
 
     def __post_init__(self):
         self.start = self.last_time = time.monotonic()
-        self.last_step = 0
+        self.last_step = self.first_step = 0
+
+    def resume_at(self, step: int) -> None:
+        """Forget history past the checkpoint (those steps run again) and say where training resumes."""
+        self.last_step = self.first_step = step
+        if self.rank != 0:
+            return
+        if self.history_path.exists():
+            rows = [line for line in self.history_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.history_path.write_text("".join(row + "\n" for row in rows))
+        self.ctx.say(f"resumed from the checkpoint at step {step}/{self.max_steps}")
 
     def record(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -184,20 +195,21 @@ class TrainLog:
         with open(self.history_path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self.ctx.log_metrics(metrics, step)
-        eta = (now - self.start) / step * (self.max_steps - step)
+        eta = (now - self.start) / max(step - self.first_step, 1) * (self.max_steps - step)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens_per_s")
         self.ctx.say(f"step {step}/{self.max_steps} {shown} tok/s {metrics['tokens_per_s']:,.0f} "
                      f"eta {format_seconds(eta)}")
 
 
 def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
-          log: TrainLog) -> dict:
+          log: TrainLog, checkpoint_dir: Path) -> dict:
     """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
-    `eval_batches`: this rank's validation batches."""
+    `eval_batches`: this rank's validation batches. Resumes from the newest checkpoint in checkpoint_dir."""
     accum = engine.gradient_accumulation_steps()
     window_loss, window_steps = 0.0, 0
+    start_step = restore_checkpoint(engine, checkpoint_dir, log)
     engine.train()
-    for step in range(cfg.max_steps):
+    for step in range(start_step, cfg.max_steps):
         for micro in range(accum):
             with autocast(cfg):
                 loss = forward(train_batch(step, micro))
@@ -224,7 +236,42 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
             metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
         log.record(done, metrics)
+
+        # --- checkpoint: everything needed to continue exactly from here ---
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank)
     return log_final(log)
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int) -> None:
+    """DeepSpeed writes the tag directory, then the `latest` pointer: a save cut short leaves the
+    previous checkpoint in force. The data position is the step (the order is a function of it)."""
+    engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step:08d}",
+                           client_state={"step": step, "torch_rng": torch.get_rng_state()})
+    if rank == 0:
+        for old in sorted(checkpoint_dir.glob("step*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_checkpoint(engine, checkpoint_dir: Path, log: TrainLog) -> int:
+    """Load the newest checkpoint if there is one; returns the step to continue from."""
+    if not (checkpoint_dir / "latest").exists():
+        return 0
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+    if path is None:
+        raise RuntimeError(f"checkpoint in {checkpoint_dir} could not be loaded")
+    torch.set_rng_state(client_state["torch_rng"])
+    step = int(client_state["step"])
+    log.resume_at(step)
+    return step
+
+
+def remove_checkpoints(checkpoint_dir: Path, rank: int) -> None:
+    """Once the step's result is written, the resumable state is no longer needed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def evaluate_loss(engine, cfg: TrainConfig, forward: Callable, eval_batches: list) -> float:
