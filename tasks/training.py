@@ -174,6 +174,11 @@ class TrainLog:
     def __post_init__(self):
         self.start = self.last_time = time.monotonic()
         self.last_step = self.first_step = 0
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on evaluation or checkpoints: not counted in tokens/s."""
+        self.excluded += seconds
 
     def resume_at(self, step: int) -> None:
         """Forget history past the checkpoint (those steps run again) and say where training resumes."""
@@ -190,8 +195,8 @@ class TrainLog:
             return
         now = time.monotonic()
         steps_done = step - self.last_step
-        metrics["tokens_per_s"] = steps_done * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
+        metrics["tokens_per_s"] = steps_done * self.tokens_per_step / max(now - self.last_time - self.excluded, 1e-9)
+        self.last_time, self.last_step, self.excluded = now, step, 0.0
         with open(self.history_path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self.ctx.log_metrics(metrics, step)
@@ -233,13 +238,17 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
 
         # --- evaluation on held-out data ---
         if eval_now:
+            started = time.monotonic()
             metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+            log.exclude(time.monotonic() - started)
         log.record(done, metrics)
 
         # --- checkpoint: everything needed to continue exactly from here ---
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            started = time.monotonic()
             save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank)
+            log.exclude(time.monotonic() - started)
     return log_final(log)
 
 
