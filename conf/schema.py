@@ -133,6 +133,8 @@ class TrainConfig:
     checkpoint_every: int = placement(
         0, "Resumable checkpoint every N steps (a multiple of log_every; 0: none). A rerun after a crash "
            "continues from the newest one, with the same losses as an uninterrupted run.")
+    max_failures: int = placement(
+        0, "Ray Train restarts a failed worker group this many times; it continues from the last checkpoint.")
     keep_checkpoints: int = placement(2, "Newest checkpoints kept while training; all are removed once the step finishes.")
     num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.")

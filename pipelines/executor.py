@@ -123,7 +123,7 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(name=f"{step.name}-{item.fingerprint}-{uuid.uuid4().hex[:6]}",
                              storage_path=str((root / ".ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()

@@ -31,6 +31,9 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
     check(cfg.lr > 0, f"{key}.lr: must be positive, got {cfg.lr}")
     check(cfg.checkpoint_every >= 0 and cfg.checkpoint_every % cfg.log_every == 0,
           f"{key}.checkpoint_every: must be 0 or a multiple of {key}.log_every ({cfg.log_every}), got {cfg.checkpoint_every}")
+    check(cfg.max_failures >= 0, f"{key}.max_failures: must not be negative")
+    check(cfg.max_failures == 0 or cfg.checkpoint_every > 0,
+          f"{key}.max_failures: restarts need checkpoints; set {key}.checkpoint_every")
     check(cfg.keep_checkpoints >= 1, f"{key}.keep_checkpoints: must be at least 1")
     check(0 <= cfg.warmup_steps <= cfg.max_steps, f"{key}.warmup_steps: must be within 0..max_steps ({cfg.max_steps})")
     check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio: must be within 0..1")

@@ -1,0 +1,68 @@
+"""Real process kills during a pipeline run: the driver (SIGKILL) and a Ray Train worker
+(SIGKILL, restarted by Ray Train). Training continues from its last checkpoint either way."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import REPO
+
+LONG_PRETRAIN = ["pretrain.max_steps=150", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
+                 "pretrain.eval_every=150", "pretrain.num_workers=1", "pretrain.cpus_per_worker=2"]
+
+
+def start(root, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", "+experiment=tiny", f"paths.root={root}", "ray.num_cpus=2",
+         *LONG_PRETRAIN, *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pretrain_step_reached(root) -> int:
+    logs = list((root / "pretrain").glob(".partial-*/train_log.jsonl")) if (root / "pretrain").exists() else []
+    try:
+        return max(json.loads(line)["step"] for line in logs[0].read_text().splitlines()) if logs else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for_step(root, proc, step: int, timeout: float = 600) -> int:
+    deadline = time.monotonic() + timeout
+    while pretrain_step_reached(root) < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pretrain_step_reached(root)
+
+
+def finish(proc) -> str:
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_killed_driver_resumes_pretraining_from_its_checkpoint(tmp_path):
+    proc = start(tmp_path)
+    reached = wait_for_step(tmp_path, proc, 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 25 <= reached < 150, f"not killed mid-pretraining (step {reached})"
+    time.sleep(3)  # let the embedded Ray's processes notice their driver is gone
+
+    output = finish(start(tmp_path))
+    assert "pretrain  run" in output and "continuing from its last checkpoint" in output
+    assert "resumed from the checkpoint at step" in output
+    assert "[6/6] evaluate: running" in output and "summary JSON" in output
+    assert not list((tmp_path / "pretrain").glob(".partial-*"))  # published, nothing left behind
+
+
+def test_killed_train_worker_is_restarted_by_ray_train(tmp_path):
+    proc = start(tmp_path, "pretrain.max_failures=1")
+    reached = wait_for_step(tmp_path, proc, 25)
+    assert reached < 150
+    killed = subprocess.run(["pkill", "-9", "-f", "RayTrainWorker"], capture_output=True)
+    assert killed.returncode == 0, "no Ray Train worker process found to kill"
+    output = finish(proc)
+    assert "resumed from the checkpoint at step" in output
+    assert "summary JSON" in output
