@@ -38,6 +38,16 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (weights of every matrix multiply, the output head included)
+    plus attention scores and weighted sums, 12 x layers x width x sequence length."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    attention = 2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.num_kv_heads * head_dim
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    matmul_weights = cfg.num_layers * (attention + mlp) + cfg.hidden_size * vocab_size
+    return 6.0 * matmul_weights + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
 def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     train_cfg = cfg.pretrain
     training.setup_worker(train_cfg)
@@ -65,15 +75,17 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
         return to_batch(train_rows[np.sort(rows)])
 
     eval_batches = [to_batch(val_rows[i]) for i in training.eval_row_slices(len(val_rows), train_cfg, rank, world)]
+    fpt = flops_per_token(cfg.model, meta["vocab_size"], meta["seq_len"])
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, train_cfg.global_batch_size * meta["seq_len"],
-                            out_dir / "train_log.jsonl")
+                            out_dir / "train_log.jsonl", flops_per_token=fpt / world,
+                            peak_flops=training.measure_peak_flops(train_cfg), use_gpu=train_cfg.use_gpu)
     metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
 
     with training.full_parameters(engine) as module:
         if rank == 0:
             export(module, tokenize_dir, out_dir, torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64)))
     training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "num_parameters": num_params}
+    return {**metrics, "num_parameters": num_params, "flops_per_token": fpt}
 
 
 @torch.no_grad()

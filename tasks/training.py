@@ -161,6 +161,35 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def measure_peak_flops(cfg: TrainConfig, size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square matrix multiply in the training precision on this worker's threads:
+    the denominator of model FLOP utilisation when no peak is declared."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    device = "cuda" if cfg.use_gpu else "cpu"
+    dtype = torch.bfloat16 if cfg.precision == "bf16" and (cfg.use_gpu or bf16_autocast_available()) else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def peak_memory_gb(use_gpu: bool) -> float:
+    if use_gpu:
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
 @dataclass
 class TrainLog:
     """Rank 0's progress lines, metric calls and the history file (train_log.jsonl)."""
@@ -170,6 +199,9 @@ class TrainLog:
     max_steps: int
     tokens_per_step: int
     history_path: Path
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0
+    use_gpu: bool = False
 
     def __post_init__(self):
         self.start = self.last_time = time.monotonic()
@@ -197,11 +229,14 @@ class TrainLog:
         steps_done = step - self.last_step
         metrics["tokens_per_s"] = steps_done * self.tokens_per_step / max(now - self.last_time - self.excluded, 1e-9)
         self.last_time, self.last_step, self.excluded = now, step, 0.0
+        if self.flops_per_token and self.peak_flops:
+            metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / self.peak_flops
+        metrics["memory_gb"] = peak_memory_gb(self.use_gpu)
         with open(self.history_path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self.ctx.log_metrics(metrics, step)
         eta = (now - self.start) / max(step - self.first_step, 1) * (self.max_steps - step)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens_per_s")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("tokens_per_s", "memory_gb"))
         self.ctx.say(f"step {step}/{self.max_steps} {shown} tok/s {metrics['tokens_per_s']:,.0f} "
                      f"eta {format_seconds(eta)}")
 
@@ -303,7 +338,10 @@ def log_final(log: TrainLog) -> dict:
         return {}
     rows = [json.loads(line) for line in log.history_path.read_text().splitlines()]
     final = {f"final_{k}": v for k, v in rows[-1].items() if k in ("loss", "val_loss", "val_ppl")}
-    speeds = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
-    final["tokens_per_s"] = float(np.median(speeds))
+    for key in ("tokens_per_s", "mfu"):  # the first window includes start-up
+        values = [r[key] for r in rows[1:] if key in r] or [r[key] for r in rows if key in r]
+        if values:
+            final[key] = float(np.median(values))
+    final["memory_gb"] = max(r["memory_gb"] for r in rows)
     final["train_seconds"] = time.monotonic() - log.start
     return final

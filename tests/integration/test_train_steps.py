@@ -69,6 +69,7 @@ def test_pretrain_logs_and_exports_a_loadable_model(steps):
     assert [r["step"] for r in log] == [2, 4, 6, 8] and all(r["tokens_per_s"] > 0 for r in log)
     assert "val_loss" in log[1] and log[-1]["loss"] < log[0]["loss"]
     assert metrics["num_parameters"] > 0 and metrics["final_val_ppl"] > 1
+    assert 0 < metrics["mfu"] < 1 and metrics["memory_gb"] > 0 and metrics["flops_per_token"] > 0
     model = AutoModelForCausalLM.from_pretrained(dirs["pretrain"] / "model")
     assert AutoTokenizer.from_pretrained(dirs["pretrain"] / "model").eos_token == tokenize.EOS
     assert model.config.num_hidden_layers == cfg.model.num_layers

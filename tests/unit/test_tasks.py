@@ -136,3 +136,20 @@ def test_unigram_baseline_uses_the_model_targets():
     counts = np.array([1, 3, 3])  # add-one smoothing over a vocabulary of 3
     expected = -np.mean(np.log(counts[[1, 2, 1]] / counts.sum()))
     assert evaluate.unigram_nll(train, val, 3) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "25m", "125m", "350m", "1b"])
+def test_model_sizes_and_flops_per_token_agree_with_the_model(size):
+    """Every matrix-multiply weight is counted once in FLOPs per token (the tied head included)."""
+    import torch
+
+    from tasks.pretrain import build_model, count_parameters, flops_per_token
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"model={size}"]).model
+    with torch.device("meta"):
+        model = build_model(cfg, 32000, 0, 2)
+    norms = cfg.num_layers * 2 * cfg.hidden_size + cfg.hidden_size
+    attention_flops = 12 * cfg.num_layers * cfg.hidden_size * 128
+    matmul_weights = (flops_per_token(cfg, 32000, 128) - attention_flops) / 6
+    assert matmul_weights + norms == count_parameters(model)
