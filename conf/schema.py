@@ -139,6 +139,8 @@ class TrainConfig:
     num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.")
     use_gpu: bool = placement(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
+    activation_checkpointing: bool = placement(
+        False, "Recompute activations in the backward pass: less memory, more compute, the same losses.")
     peak_tflops: float = placement(
         0.0, "Peak matrix-multiply TFLOP/s of one worker for model FLOP utilisation; 0: measured at start.")
 

@@ -58,6 +58,8 @@ def validate(cfg: Config) -> None:
     validate_train("finetune", cfg.finetune)
     check(cfg.finetune.method in finetune.FINETUNE_METHODS,
           f"finetune.method: unknown method '{cfg.finetune.method}' (known: {', '.join(finetune.FINETUNE_METHODS)})")
+    check(not (cfg.finetune.method == "prefix" and cfg.finetune.activation_checkpointing),
+          "finetune.activation_checkpointing: PEFT's prefix tuning does not support it; set it to false")
     extra = cfg.finetune.prefix.num_virtual_tokens if cfg.finetune.method == "prefix" else 0
     check(cfg.finetune.max_length + extra <= model.max_position_embeddings,
           f"finetune.max_length: {cfg.finetune.max_length} (+{extra} virtual tokens) exceeds "

@@ -26,6 +26,10 @@ from conf.schema import TrainConfig
 from tasks.common import TaskContext, UserError, format_seconds
 
 
+class NonFiniteError(UserError):
+    """Training produced a non-finite loss or weights; nothing non-finite is ever checkpointed."""
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -97,6 +101,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
     """DeepSpeed engine over AdamW (no decay on norms and biases) and the warm-up/cosine schedule."""
     import deepspeed
+
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -253,9 +260,13 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
         for micro in range(accum):
             with autocast(cfg):
                 loss = forward(train_batch(step, micro))
+            value = loss.item()
+            if all_reduce_sum([0.0 if math.isfinite(value) else 1.0])[0]:  # every rank stops together
+                raise NonFiniteError(f"non-finite training loss at step {step + 1} (try a lower learning rate); "
+                                     f"training stopped before applying it")
             engine.backward(loss)
             engine.step()
-            window_loss += loss.item() / accum
+            window_loss += value / accum
         window_steps += 1
         done = step + 1
         log_now = done % cfg.log_every == 0 or done == cfg.max_steps
@@ -290,6 +301,9 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int) -> None:
     """DeepSpeed writes the tag directory, then the `latest` pointer: a save cut short leaves the
     previous checkpoint in force. The data position is the step (the order is a function of it)."""
+    local = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
+    if all_reduce_sum([float(sum(not torch.isfinite(t).all() for t in local))])[0]:
+        raise NonFiniteError(f"non-finite weights after step {step}; no checkpoint was written")
     engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step:08d}",
                            client_state={"step": step, "torch_rng": torch.get_rng_state()})
     if rank == 0:

@@ -138,3 +138,32 @@ def test_generation_task_end_to_end(steps, tmp_path):
         assert 0 <= metrics[f"{model}_exact_match"] <= 1 and 0 <= metrics[f"{model}_chrf"] <= 100
     examples = json.loads((tmp_path / "evaluate" / "report.json").read_text())["task_examples"]
     assert examples[0]["gold"].startswith("return self.")
+
+
+def run_pretrain(cfg, dirs, out_dir, **changes):
+    out_dir.mkdir()
+    train_cfg = dataclasses.replace(cfg.pretrain, **changes)
+    return pretrain.train_worker(PretrainStepConfig(cfg.model, train_cfg), {"tokenize": dirs["tokenize"]}, out_dir,
+                                 TaskContext("pretrain"))
+
+
+def test_activation_checkpointing_gives_the_same_losses(steps, tmp_path):
+    cfg, dirs, _ = steps
+    losses = []
+    for name, recompute in (("plain", False), ("recompute", True)):
+        run_pretrain(cfg, dirs, tmp_path / name, precision="fp32", max_steps=4, activation_checkpointing=recompute)
+        losses.append([json.loads(l)["loss"] for l in (tmp_path / name / "train_log.jsonl").read_text().splitlines()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_non_finite_loss_stops_training_without_a_checkpoint(steps, tmp_path):
+    from tasks.training import NonFiniteError
+
+    cfg, dirs, _ = steps
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        run_pretrain(cfg, dirs, tmp_path / "diverged", precision="fp32", lr=1e12, grad_clip=0.0, warmup_steps=0,
+                     max_steps=8, checkpoint_every=2, log_every=1)
+    checkpoints = tmp_path / "diverged" / "checkpoints"
+    for tag in sorted(checkpoints.glob("step*")) if checkpoints.exists() else []:
+        state = torch.load(next(tag.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() for v in state.values()), f"{tag.name} holds non-finite weights"
