@@ -1,7 +1,6 @@
 """Every YAML in conf/ composes against its schema; bad keys, types and combinations fail early."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 
 from pipelines import artifacts, dag
-from tests.conftest import compose_config
 
 
 def fingerprints(cfg, root):
