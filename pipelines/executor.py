@@ -152,7 +152,7 @@ KEY_METRIC = {"ingest": "docs_kept", "tokenize": "train_tokens", "pretrain": "fi
               "taskdata": "train_records", "finetune": "final_val_loss", "evaluate": "finetuned_accuracy"}
 
 
-def execute(planned: list[PlannedStep], cfg: Config, root: Path, tracker: Tracker, resources: dict) -> list[StepResult]:
+def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict) -> list[StepResult]:
     results = []
     for index, item in enumerate(planned, start=1):
         name = item.step.name
@@ -164,7 +164,7 @@ def execute(planned: list[PlannedStep], cfg: Config, root: Path, tracker: Tracke
             print(f"[{index}/{len(planned)}] {name}: cached ({item.fingerprint})", flush=True)
         else:
             print(f"[{index}/{len(planned)}] {name}: running, {item.reason}", flush=True)
-            manifest = run_step(item, inputs, root, tracker.metric_logger(run_id), resources, run_id, tracker)
+            manifest = run_step(item, inputs, root, resources, tracker, run_id)
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
@@ -178,8 +178,8 @@ def execute(planned: list[PlannedStep], cfg: Config, root: Path, tracker: Tracke
     return results
 
 
-def run_step(item: PlannedStep, inputs: dict, root: Path, log_metrics, resources: dict, run_id: str,
-             tracker: Tracker) -> dict:
+def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, tracker: Tracker, run_id: str) -> dict:
+    log_metrics = tracker.metric_logger(run_id)
     training = item.step.train is not None
     if training:
         staging = artifacts.partial_dir(root, item.step.name, item.fingerprint)

@@ -77,7 +77,7 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         try:
-            results = executor.execute(planned, cfg, root, tracker, resources)
+            results = executor.execute(planned, root, tracker, resources)
         except BaseException:
             tracker.end(run_id, "FAILED")
             raise

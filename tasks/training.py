@@ -220,14 +220,15 @@ class TrainLog:
         self.excluded += seconds
 
     def resume_at(self, step: int) -> None:
-        """Forget history past the checkpoint (those steps run again) and say where training resumes."""
+        """Forget history past the starting step (those steps run again) and say where training resumes."""
         self.last_step = self.first_step = step
         if self.rank != 0:
             return
         if self.history_path.exists():
             rows = [line for line in self.history_path.read_text().splitlines() if json.loads(line)["step"] <= step]
             self.history_path.write_text("".join(row + "\n" for row in rows))
-        self.ctx.say(f"resumed from the checkpoint at step {step}/{self.max_steps}")
+        if step:
+            self.ctx.say(f"resumed from the checkpoint at step {step}/{self.max_steps}")
 
     def record(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -314,6 +315,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: in
 def restore_checkpoint(engine, checkpoint_dir: Path, log: TrainLog) -> int:
     """Load the newest checkpoint if there is one; returns the step to continue from."""
     if not (checkpoint_dir / "latest").exists():
+        log.resume_at(0)  # an attempt that died before its first checkpoint may have left history
         return 0
     path, client_state = engine.load_checkpoint(str(checkpoint_dir))
     if path is None:
