@@ -129,6 +129,11 @@ class TrainConfig:
     """Validation micro-batches per worker."""
     seed: int = 0
     """Seed of initialisation and data order."""
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient: 'stop' (clear error, nothing non-finite is checkpointed) or 'skip'
+    (that step's update is dropped and counted in skipped_steps)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop after this many skipped steps in a row."""
     log_every: int = placement(10, "Progress line and metric logging every N steps.")
     checkpoint_every: int = placement(
         0, "Resumable checkpoint every N steps (a multiple of log_every; 0: none). A rerun after a crash "
@@ -141,6 +146,9 @@ class TrainConfig:
     use_gpu: bool = placement(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
     activation_checkpointing: bool = placement(
         False, "Recompute activations in the backward pass: less memory, more compute, the same losses.")
+    offload_optimizer: bool = placement(
+        False, "Keep optimizer state and step in CPU memory (DeepSpeed ZeRO offload; stages 1-3).")
+    compile: bool = placement(False, "torch.compile the model (inductor) before training.")
     peak_tflops: float = placement(
         0.0, "Peak matrix-multiply TFLOP/s of one worker for model FLOP utilisation; 0: measured at start.")
 

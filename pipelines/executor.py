@@ -27,6 +27,58 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each worker line reaches the driver twice
 }
 TRAIN_METRICS = ".train_metrics.json"
+STOP_GRACE_SECONDS = 300  # after SIGTERM, the longest wait for a training step's checkpoint
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run; finished steps and the running training step's checkpoint are kept."""
+
+
+class StopRequest:
+    """SIGTERM handling for the driver. During a training step it asks the workers (through a
+    file in the step's directory) to checkpoint at the end of their current step and return;
+    otherwise it stops at once. A second SIGTERM, or no checkpoint within STOP_GRACE_SECONDS,
+    ends the process."""
+
+    def __init__(self):
+        self.requested = False
+        self.training_dir: Path | None = None
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def handle(self, *_):
+        import sys
+        import threading
+
+        from tasks.training import STOP_FILE
+
+        if self.requested or self.training_dir is None:
+            if self.requested:
+                print("second SIGTERM: stopping now", file=sys.stderr, flush=True)
+                os._exit(143)
+            self.requested = True
+            raise Preempted("stopped by SIGTERM; finished steps are kept")
+        self.requested = True
+        print("SIGTERM: the training step checkpoints at the end of its current step, then the run stops",
+              file=sys.stderr, flush=True)
+        (self.training_dir / STOP_FILE).touch()
+        timer = threading.Timer(STOP_GRACE_SECONDS, lambda: (print(
+            f"no checkpoint within {STOP_GRACE_SECONDS} s of SIGTERM: stopping now", file=sys.stderr, flush=True),
+            os._exit(143)))
+        timer.daemon = True
+        timer.start()
+
+
+STOP = StopRequest()
 
 
 def start_ray(cfg: Config) -> dict:
@@ -126,10 +178,21 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    trainer.fit()
+    from tasks.training import STOP_FILE
+
+    (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
+    STOP.training_dir = out_dir
+    try:
+        trainer.fit()
+    finally:
+        STOP.training_dir = None
+    (out_dir / STOP_FILE).unlink(missing_ok=True)
     metrics_path = out_dir / TRAIN_METRICS
     metrics = json.loads(metrics_path.read_text())
     metrics_path.unlink()
+    if "stopped_at_step" in metrics:
+        raise Preempted(f"stopped by SIGTERM: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
+                        f"rerun the same command to continue from there")
     return metrics
 
 
@@ -192,10 +255,10 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
             metrics = run_training_step(item, inputs, staging, log_metrics, root)
         else:
             metrics = run_data_step(item, inputs, staging, log_metrics, resources)
-    except BaseException:
+    except BaseException as error:
         if not training:  # a training step keeps its checkpoints for the next attempt
             shutil.rmtree(staging, ignore_errors=True)
-        tracker.end(run_id, "FAILED")
+        tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
         raise
     manifest = {
         "step": item.step.name, "version": item.step.version, "fingerprint": item.fingerprint,

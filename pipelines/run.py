@@ -77,9 +77,10 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         try:
-            results = executor.execute(planned, root, tracker, resources)
-        except BaseException:
-            tracker.end(run_id, "FAILED")
+            with executor.STOP:
+                results = executor.execute(planned, root, tracker, resources)
+        except BaseException as error:
+            tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")
             raise
         summary = {
             "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": uri, "root": str(root),
@@ -133,6 +134,9 @@ def main(dict_cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
         sys.exit(130)
+    except executor.Preempted as stopped:
+        print(str(stopped), file=sys.stderr)
+        sys.exit(143)
     except Exception as exc:  # every failure ends in one readable line; details are in the step logs above
         message, is_user_error = describe_failure(exc)
         print(f"error: {message}", file=sys.stderr)

@@ -11,6 +11,7 @@ from tasks.tokenize import SPECIAL_TOKENS
 
 PRECISIONS = ("bf16", "fp32")
 ON_ERROR = ("raise", "skip")
+ON_NONFINITE = ("stop", "skip")
 
 
 def check(condition: bool, message: str) -> None:
@@ -37,6 +38,11 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
     check(cfg.keep_checkpoints >= 1, f"{key}.keep_checkpoints: must be at least 1")
     check(0 <= cfg.warmup_steps <= cfg.max_steps, f"{key}.warmup_steps: must be within 0..max_steps ({cfg.max_steps})")
     check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio: must be within 0..1")
+    check(cfg.on_nonfinite in ON_NONFINITE,
+          f"{key}.on_nonfinite: must be one of {ON_NONFINITE}, got '{cfg.on_nonfinite}'")
+    check(cfg.max_skipped_steps >= 1, f"{key}.max_skipped_steps: must be at least 1")
+    check(not cfg.offload_optimizer or cfg.zero_stage >= 1,
+          f"{key}.offload_optimizer: needs {key}.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO partitions)")
 
 
 def validate(cfg: Config) -> None:

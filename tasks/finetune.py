@@ -93,6 +93,8 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, int(train_cfg.global_batch_size * mean_tokens),
                             out_dir / "train_log.jsonl")
     metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
+    if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
+        return metrics
 
     with training.full_parameters(engine) as module:
         if rank == 0:

@@ -80,6 +80,8 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
                             out_dir / "train_log.jsonl", flops_per_token=fpt / world,
                             peak_flops=training.measure_peak_flops(train_cfg), use_gpu=train_cfg.use_gpu)
     metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
+    if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
+        return metrics
 
     with training.full_parameters(engine) as module:
         if rank == 0:

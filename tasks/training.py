@@ -71,12 +71,21 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "gradient_accumulation_steps": accumulation_steps(cfg, world),
         "train_batch_size": cfg.global_batch_size,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
+        # Our AdamW, not DeepSpeed's CPU Adam, also when offloading: the same update everywhere.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,  # our AdamW subclass (see AdamW below)
         # On GPUs bf16 is native; on CPUs the weights stay fp32 and the forward pass runs under autocast.
         "bf16": {"enabled": cfg.precision == "bf16" and cfg.use_gpu},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def offload(cfg: TrainConfig) -> dict:
+    if not cfg.offload_optimizer:
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": cfg.use_gpu}}
 
 
 def bf16_autocast_available() -> bool:
@@ -98,6 +107,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with the `overflow` flag that DeepSpeed reads after a step: a flagged step
+    leaves parameters, optimizer state and schedule as they are, as ZeRO stages 1-3 do for a
+    non-finite gradient by themselves."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
     """DeepSpeed engine over AdamW (no decay on norms and biases) and the warm-up/cosine schedule."""
     import deepspeed
@@ -110,12 +132,19 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
     )
+    if cfg.compile:
+        engine.compile()
     return engine
+
+
+def to_device(batch: dict, engine) -> dict:
+    """Tensors of a batch on the engine's device (CPU tensors stay where they are)."""
+    return {k: v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @contextlib.contextmanager
@@ -161,8 +190,15 @@ def eval_row_slices(num_rows: int, cfg: TrainConfig, rank: int, world: int) -> l
     return [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
 
+def collective_device() -> str:
+    """NCCL reduces GPU tensors only; gloo CPU tensors."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return "cuda"
+    return "cpu"
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -249,81 +285,154 @@ class TrainLog:
                      f"eta {format_seconds(eta)}")
 
 
+STOP_FILE = ".stop_requested"
+
+
 def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
           log: TrainLog, checkpoint_dir: Path) -> dict:
     """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
-    `eval_batches`: this rank's validation batches. Resumes from the newest checkpoint in checkpoint_dir."""
+    `eval_batches`: this rank's validation batches. Resumes from the newest valid checkpoint in
+    checkpoint_dir. A stop request (STOP_FILE beside checkpoint_dir, written on SIGTERM) makes
+    every rank checkpoint at the end of the current step and return {"stopped_at_step": step}."""
     accum = engine.gradient_accumulation_steps()
-    window_loss, window_steps = 0.0, 0
-    start_step = restore_checkpoint(engine, checkpoint_dir, log)
+    stop_file = checkpoint_dir.parent / STOP_FILE
+    state = restore(engine, checkpoint_dir, log)  # window_loss, window_steps, skipped_steps
+    start_step = state.pop("step")
+    skipped_in_a_row = 0
     engine.train()
-    for step in range(start_step, cfg.max_steps):
-        for micro in range(accum):
-            with autocast(cfg):
-                loss = forward(train_batch(step, micro))
-            value = loss.item()
-            if all_reduce_sum([0.0 if math.isfinite(value) else 1.0])[0]:  # every rank stops together
-                raise NonFiniteError(f"non-finite training loss at step {step + 1} (try a lower learning rate); "
-                                     f"training stopped before applying it")
-            engine.backward(loss)
-            engine.step()
-            window_loss += value / accum
-        window_steps += 1
-        done = step + 1
-        log_now = done % cfg.log_every == 0 or done == cfg.max_steps
-        eval_now = done % cfg.eval_every == 0 or done == cfg.max_steps
-        if not (log_now or eval_now):
-            continue
+    with stop_on_sigterm(stop_file):
+        for step in range(start_step, cfg.max_steps):
+            done = step + 1
+            step_loss, nonfinite, stop = 0.0, False, False
+            for micro in range(accum):
+                with autocast(cfg):
+                    loss = forward(to_device(train_batch(step, micro), engine))
+                value = loss.item()
+                flags = all_reduce_sum([0.0 if math.isfinite(value) else 1.0, float(stop_file.exists())])
+                nonfinite, stop = nonfinite or flags[0] > 0, stop or flags[1] > 0  # every rank decides alike
+                if nonfinite and cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(f"non-finite training loss at step {done} (try a lower learning rate); "
+                                         f"training stopped before applying it")
+                engine.backward(loss)
+                if cfg.on_nonfinite == "skip" and engine.is_gradient_accumulation_boundary():
+                    nonfinite = drop_nonfinite_gradients(engine, nonfinite)
+                engine.step()
+                step_loss += value / accum
 
-        # --- metrics: training loss averaged over ranks and the steps since the last record ---
-        total, count = all_reduce_sum([window_loss, window_steps])
-        metrics = {"loss": total / count, "lr": engine.get_lr()[0]}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        window_loss, window_steps = 0.0, 0
+            # --- non-finite loss or gradient: DeepSpeed ZeRO 1-3 leaves such an update out itself ---
+            grad_norm = engine.get_global_grad_norm()
+            if nonfinite or not engine.was_step_applied() or (grad_norm is not None and not math.isfinite(grad_norm)):
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(f"non-finite gradient at step {done} (try a lower learning rate or "
+                                         f"grad_clip); its update was not applied")
+                state["skipped_steps"] += 1
+                skipped_in_a_row += 1
+                if log.rank == 0:
+                    log.ctx.say(f"step {done}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise NonFiniteError(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                         f"(max_skipped_steps); training stopped at step {done}")
+            else:
+                skipped_in_a_row = 0
+                state["window_loss"] += step_loss
+                state["window_steps"] += 1
 
-        # --- evaluation on held-out data ---
-        if eval_now:
-            started = time.monotonic()
-            metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
-            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
-            log.exclude(time.monotonic() - started)
-        log.record(done, metrics)
+            log_now = done % cfg.log_every == 0 or done == cfg.max_steps
+            eval_now = done % cfg.eval_every == 0 or done == cfg.max_steps
+            if log_now or eval_now:
+                record_metrics(engine, cfg, forward, eval_batches, log, state, done, eval_now)
 
-        # --- checkpoint: everything needed to continue exactly from here ---
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            started = time.monotonic()
-            save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank)
-            log.exclude(time.monotonic() - started)
-    return log_final(log)
+            # --- checkpoint: everything needed to continue exactly from here ---
+            periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if done < cfg.max_steps and (periodic or stop):
+                started = time.monotonic()
+                save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank, state)
+                log.exclude(time.monotonic() - started)
+            if stop and done < cfg.max_steps:
+                if log.rank == 0:
+                    log.ctx.say(f"stop requested: checkpoint written at step {done}/{cfg.max_steps}")
+                return {"stopped_at_step": done}
+    return {**log_final(log), "skipped_steps": state["skipped_steps"]}
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int) -> None:
-    """DeepSpeed writes the tag directory, then the `latest` pointer: a save cut short leaves the
-    previous checkpoint in force. The data position is the step (the order is a function of it)."""
+def record_metrics(engine, cfg: TrainConfig, forward: Callable, eval_batches: list, log: TrainLog, state: dict,
+                   done: int, eval_now: bool) -> None:
+    """Training loss averaged over ranks and the applied steps since the last record; validation."""
+    total, count = all_reduce_sum([state["window_loss"], state["window_steps"]])
+    metrics = {"loss": total / count} if count else {}
+    metrics["lr"] = engine.get_lr()[0]
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None and math.isfinite(grad_norm):
+        metrics["grad_norm"] = float(grad_norm)
+    if state["skipped_steps"]:
+        metrics["skipped_steps"] = state["skipped_steps"]
+    state["window_loss"], state["window_steps"] = 0.0, 0
+    if eval_now:
+        started = time.monotonic()
+        metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+        log.exclude(time.monotonic() - started)
+    log.record(done, metrics)
+
+
+def drop_nonfinite_gradients(engine, nonfinite: bool) -> bool:
+    """Without ZeRO, DeepSpeed applies whatever gradient it has: flag a non-finite one so that
+    the optimizer leaves the step out (see AdamW). Returns whether the step is non-finite."""
+    if engine.zero_optimization_stage() != 0:
+        return nonfinite
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    local = nonfinite or not all(torch.isfinite(g).all() for g in grads)
+    nonfinite = all_reduce_sum([float(local)])[0] > 0
+    engine.optimizer.overflow = nonfinite
+    return nonfinite
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(stop_file: Path):
+    """Where training runs in a process's main thread, SIGTERM requests a checkpoint and a clean
+    stop (under Ray Train the driver writes the stop file instead)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_file.touch())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, state: dict) -> None:
+    """Never a checkpoint with non-finite weights. The data position is the step (the order is a
+    function of it); the loss window and skip count travel along, so logged losses resume exactly."""
+    from tasks import checkpoints
+
     local = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
     if all_reduce_sum([float(sum(not torch.isfinite(t).all() for t in local))])[0]:
         raise NonFiniteError(f"non-finite weights after step {step}; no checkpoint was written")
-    engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step:08d}",
-                           client_state={"step": step, "torch_rng": torch.get_rng_state()})
-    if rank == 0:
-        for old in sorted(checkpoint_dir.glob("step*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    _, world = rank_and_world()
+    checkpoints.save(engine, checkpoint_dir, step, keep, rank, world,
+                     {**state, "torch_rng": torch.get_rng_state()})
 
 
-def restore_checkpoint(engine, checkpoint_dir: Path, log: TrainLog) -> int:
-    """Load the newest checkpoint if there is one; returns the step to continue from."""
-    if not (checkpoint_dir / "latest").exists():
+def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
+    """Load the newest valid checkpoint if there is one; returns the training state to continue from."""
+    from tasks import checkpoints
+
+    fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0}
+    rank, world = rank_and_world()
+    warn = log.ctx.say if log.rank == 0 else (lambda _message: None)
+    record = checkpoints.record_of(checkpoint_dir, rank, warn)
+    if record is None:
         log.resume_at(0)  # an attempt that died before its first checkpoint may have left history
-        return 0
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir))
-    if path is None:
-        raise RuntimeError(f"checkpoint in {checkpoint_dir} could not be loaded")
+        return fresh
+    client_state = checkpoints.load(engine, checkpoint_dir, record, rank, world, warn)
     torch.set_rng_state(client_state["torch_rng"])
-    step = int(client_state["step"])
-    log.resume_at(step)
-    return step
+    state = {key: client_state.get(key, value) for key, value in fresh.items()}
+    log.resume_at(state["step"])
+    return state
 
 
 def remove_checkpoints(checkpoint_dir: Path, rank: int) -> None:
@@ -340,7 +449,7 @@ def evaluate_loss(engine, cfg: TrainConfig, forward: Callable, eval_batches: lis
     with torch.no_grad():
         for batch in eval_batches:
             with autocast(cfg):
-                loss = forward(batch)
+                loss = forward(to_device(batch, engine))
             weight = batch["weight"]
             total += loss.item() * weight
             count += weight

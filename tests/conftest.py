@@ -40,3 +40,24 @@ def corpus_dir(tmp_path) -> Path:
                                          ["A record in JSON lines.", "The first document.\nIt has two lines.\n\nAnd a gap.", "x"]))
     pq.write_table(pa.table({"body": ["A parquet row of text.", "Another parquet row."]}), d / "d.parquet")
     return d
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """What a launcher provides: a one-process gloo group (DeepSpeed joins it)."""
+    import os
+
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

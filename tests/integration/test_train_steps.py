@@ -14,27 +14,6 @@ from tasks.common import TaskContext
 
 
 @pytest.fixture(scope="module")
-def single_rank():
-    """What a launcher provides: a one-process gloo group (DeepSpeed joins it)."""
-    import os
-
-    import torch.distributed as dist
-
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
 def steps(tmp_path_factory, single_rank):
     from tests.conftest import compose_config
 

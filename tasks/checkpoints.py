@@ -1,0 +1,190 @@
+"""Resumable training state. DeepSpeed writes each checkpoint into its own tag directory; rank 0
+then adds a completion record (every file with size and SHA-256) and only then moves the
+`latest` pointer, so a save cut short never replaces the previous checkpoint. Before loading,
+the record is checked against the files: a damaged newest checkpoint is reported and the
+previous valid one is used. Files are loaded with `torch.load(weights_only=True)` and an
+allow-list of the plain types DeepSpeed stores, so a planted pickle cannot run code.
+
+A checkpoint written by a different number of workers is first converted to DeepSpeed's
+universal format (per-parameter fp32 weights and optimizer state), which loads at any
+data-parallel degree.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from tasks.common import UserError, write_json
+
+COMPLETE = "_complete.json"
+LATEST = "latest"
+
+
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file holds objects outside the allow-list (it could run code when unpickled)."""
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_int(value: int, rank: int) -> int:
+    """Rank 0's value on every rank."""
+    from tasks.training import collective_device
+
+    tensor = torch.tensor([value if rank == 0 else 0], dtype=torch.int64, device=collective_device())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tag_name(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def save(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, world: int, state: dict) -> None:
+    """All ranks write their shards (with `state` as client state); rank 0 records them, then
+    moves `latest` and prunes old tags."""
+    tag = tag_name(step)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
+                           client_state={**state, "step": step})
+    barrier()
+    if rank == 0:
+        tag_dir = checkpoint_dir / tag
+        files = {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+                 for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+        write_json(tag_dir / COMPLETE, {"step": step, "world_size": world,
+                                        "zero_stage": engine.zero_optimization_stage(), "files": files})
+        pointer = checkpoint_dir / f".{LATEST}.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, checkpoint_dir / LATEST)
+        for old in sorted(checkpoint_dir.glob("step*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def problem(tag_dir: Path) -> str | None:
+    """Why this checkpoint cannot be used, or None when every recorded file is intact."""
+    import json
+
+    try:
+        record = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return "no completion record (the save was cut short)"
+    for name, expected in record["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} is truncated ({path.stat().st_size} of {expected['size']} bytes)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its recorded SHA-256"
+    return None
+
+
+def newest_valid(checkpoint_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint; each damaged newer one is reported."""
+    import json
+
+    for tag_dir in sorted(checkpoint_dir.glob("step*"), reverse=True):
+        reason = problem(tag_dir)
+        if reason is None:
+            return tag_dir, json.loads((tag_dir / COMPLETE).read_text())
+        warn(f"checkpoint {tag_dir.name} is not usable: {reason}; trying an older one")
+    return None
+
+
+def record_of(checkpoint_dir: Path, rank: int, warn: Callable[[str], None]) -> dict | None:
+    """Rank 0 picks the checkpoint to resume from; every rank gets its completion record."""
+    import json
+
+    chosen = newest_valid(checkpoint_dir, warn) if rank == 0 and checkpoint_dir.is_dir() else None
+    step = broadcast_int(chosen[1]["step"] + 1 if chosen else 0, rank) - 1
+    if step < 0:
+        return None
+    return json.loads((checkpoint_dir / tag_name(step) / COMPLETE).read_text())
+
+
+# Types DeepSpeed and torch put in checkpoints besides tensors and builtins.
+def allowed_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [argparse.Namespace, ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
+            torch.optim.lr_scheduler.LambdaLR, set, frozenset]
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every torch.load inside (DeepSpeed's included) refuses objects outside the allow-list."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(*args, **kwargs)
+        except Exception as error:  # torch reports the refused global in an UnpicklingError
+            if "Weights only load failed" in str(error) or "Unsupported global" in str(error):
+                source = args[0] if args else kwargs.get("f")
+                first = str(error).split("\n\n")[1] if "\n\n" in str(error) else str(error).splitlines()[0]
+                raise UnsafeCheckpointError(f"{source}: refused to unpickle it ({first.strip()[:200]})") from None
+            raise
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def to_universal(tag_dir: Path, rank: int) -> Path:
+    """Convert a checkpoint written at another data-parallel degree (rank 0 does the work)."""
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    out_dir = tag_dir.parent / f"universal-{tag_dir.name}"
+    if rank == 0 and not (out_dir / COMPLETE).exists():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with weights_only_loading():
+            convert(args)
+        write_json(out_dir / COMPLETE, {"source": tag_dir.name})
+    barrier()
+    return out_dir
+
+
+def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn: Callable[[str], None]) -> dict:
+    """Load the chosen checkpoint into the engine; returns its client state."""
+    tag_dir = checkpoint_dir / tag_name(record["step"])
+    tag = tag_dir.name
+    if record["world_size"] != world and record["zero_stage"] >= 1:
+        if rank == 0:
+            warn(f"checkpoint {tag} was written by {record['world_size']} worker(s), resuming on {world}: "
+                 f"converting it to DeepSpeed's universal format")
+        tag = to_universal(tag_dir, rank).name
+        engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag when loading
+    with weights_only_loading():
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise RuntimeError(f"checkpoint {tag_dir} could not be loaded")
+    return client_state
