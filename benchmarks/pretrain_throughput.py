@@ -59,7 +59,7 @@ def bare_loop(cfg: Config, tokenize_dir: Path, log_every: int) -> float:
     meta = json.loads((tokenize_dir / "meta.json").read_text())
     rows = tokenize.load_split(tokenize_dir, "train")
     model = pretrain.build_model(cfg.model, meta["vocab_size"], meta["pad_id"], meta["eos_id"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr)
+    optimizer, _ = training.build_optimizer(model, cfg.pretrain)
     tokens_per_step = cfg.pretrain.global_batch_size * meta["seq_len"]
     start = None
     for step in range(cfg.pretrain.max_steps):
@@ -106,12 +106,19 @@ def main() -> None:
         bare_before = bare_loop(cfg, tokenize_dir, args.log_every)
         stage = pipeline_stage(cfg, root, tokenize_dir)
         bare_after = bare_loop(cfg, tokenize_dir, args.log_every)
+        meta = json.loads((tokenize_dir / "meta.json").read_text())
     bare = (bare_before + bare_after) / 2
+    torch.set_num_threads(args.threads)
+    peak = training.measure_peak_flops(cfg.pretrain)
+    fpt = pretrain.flops_per_token(cfg.model, meta["vocab_size"], meta["seq_len"])
     print(f"model={args.model} batch={args.batch}x{cfg.tokenizer.seq_len} threads={args.threads} "
           f"precision={args.precision} zero={args.zero_stage} steps={args.steps}")
     print(f"bare PyTorch loop : {bare:,.0f} tokens/s (before {bare_before:,.0f}, after {bare_after:,.0f})")
     print(f"pretrain stage    : {stage:,.0f} tokens/s (Ray Train + DeepSpeed ZeRO-{args.zero_stage})")
     print(f"ratio stage/bare  : {stage / bare:.3f}")
+    print(f"matmul peak       : {peak / 1e9:,.1f} GFLOP/s ({args.precision}, {args.threads} threads, measured now)")
+    print(f"MFU stage / bare  : {stage * fpt / peak:.3f} / {bare * fpt / peak:.3f} "
+          f"({fpt:.3g} training FLOPs per token)")
 
 
 if __name__ == "__main__":

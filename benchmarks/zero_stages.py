@@ -82,11 +82,7 @@ def ddp_step(model: torch.nn.Module, cfg: PretrainConfig):
     """Plain PyTorch: DDP, with the optimizer init_engine builds (AdamW, no decay on norms and
     biases, betas, warm-up/cosine schedule) and the clipping DeepSpeed applies."""
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: training.lr_factor(step, cfg))
+    optimizer, scheduler = training.build_optimizer(model, cfg)
 
     def step(ids: torch.Tensor) -> None:
         with training.autocast(cfg):

@@ -102,9 +102,14 @@ def export(module: torch.nn.Module, tokenize_dir: Path, out_dir: Path, probe_ids
     for item in (tokenize_dir / "tokenizer").iterdir():
         shutil.copy(item, export_dir / item.name)
     module.eval()
+    weight = next(module.parameters())
+    probe_ids = probe_ids.to(weight.device)
     expected = module(input_ids=probe_ids).logits.float()
-    reloaded = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
-    error = (reloaded(input_ids=probe_ids).logits - expected).abs().max().item()
+    # Reloaded in the training dtype on the training device: the same arithmetic, so any
+    # difference comes from the saved weights.
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=weight.dtype).to(weight.device).eval()
+    error = (reloaded(input_ids=probe_ids).logits.float() - expected).abs().max().item()
     if error > 1e-4:
         raise RuntimeError(f"exported model differs from the training weights (max logit error {error:.2e})")
-    save_file({"input_ids": probe_ids, "logits": expected.contiguous()}, str(out_dir / "export_check.safetensors"))
+    save_file({"input_ids": probe_ids.cpu(), "logits": expected.cpu().contiguous()},
+              str(out_dir / "export_check.safetensors"))

@@ -74,7 +74,6 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
         # Our AdamW, not DeepSpeed's CPU Adam, also when offloading: the same update everywhere.
         "zero_force_ds_cpu_optimizer": False,
-        "zero_allow_untested_optimizer": True,  # our AdamW subclass (see AdamW below)
         # On GPUs bf16 is native; on CPUs the weights stay fp32 and the forward pass runs under autocast.
         "bf16": {"enabled": cfg.precision == "bf16" and cfg.use_gpu},
         "steps_per_print": 10**9,
@@ -120,20 +119,26 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
-    """DeepSpeed engine over AdamW (no decay on norms and biases) and the warm-up/cosine schedule."""
-    import deepspeed
-
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False):
+    """AdamW (no decay on norms and biases) and the warm-up/cosine schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    optimizer_class = AdamW if cfg.zero_stage == 0 else torch.optim.AdamW  # ZeRO has its own skip
+    optimizer = optimizer_class([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
+    """DeepSpeed engine over build_optimizer's AdamW and schedule."""
+    import deepspeed
+
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
     )

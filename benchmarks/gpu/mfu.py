@@ -1,7 +1,7 @@
 """Model FLOP utilisation of the 125M and 350M models in bf16 on one GPU.
 
-The loop under test is the pretrain step's own (`tasks.training.train` over a DeepSpeed ZeRO-1
-engine with bf16 weights and fp32 master weights), eager and with `pretrain.compile=true`. The
+The loop under test is the pretrain step's own (`tasks.training.train` over a DeepSpeed ZeRO
+engine (--zero-stage) with bf16 weights and fp32 master weights), eager and with `pretrain.compile=true`. The
 reference is a bare PyTorch loop (AMP autocast, fused AdamW) on the same model, batches and
 precision, measured in the same run. Tokens/s is the median over logging windows after the
 first (start-up and compilation are left out). MFU = tokens/s x training FLOPs per token
@@ -62,7 +62,7 @@ def measured_peak(device: str, size: int = 8192, repeats: int = 10) -> float:
 
 
 def train_config(args, compile_model: bool) -> PretrainConfig:
-    return PretrainConfig(zero_stage=1, precision="bf16", micro_batch_size=args.micro_batch,
+    return PretrainConfig(zero_stage=args.zero_stage, precision="bf16", micro_batch_size=args.micro_batch,
                           global_batch_size=args.micro_batch, max_steps=args.steps, warmup_steps=2,
                           log_every=args.log_every, eval_every=args.steps, eval_batches=1, checkpoint_every=0,
                           use_gpu=args.device == "cuda", compile=compile_model, cpus_per_worker=args.threads)
@@ -89,8 +89,7 @@ def bare_loop(args, model_cfg: ModelConfig, rows: np.ndarray, compile_model: boo
     cfg = train_config(args, compile_model)
     torch.manual_seed(0)
     model = pretrain.build_model(model_cfg, VOCAB, 0, 1).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  fused=args.device == "cuda")
+    optimizer, _ = training.build_optimizer(model, cfg, fused=args.device == "cuda")
     step_fn = torch.compile(model) if compile_model else model
     windows, started = [], time.perf_counter()
     for step in range(cfg.max_steps):
@@ -128,7 +127,7 @@ def init_single_process_group(device: str) -> None:
 
 
 VARIANTS = {
-    "pipeline": ("pretrain loop, DeepSpeed ZeRO-1 bf16", lambda a, m, r, w: pipeline_loop(a, m, r, False, w)),
+    "pipeline": ("pretrain loop, DeepSpeed ZeRO bf16", lambda a, m, r, w: pipeline_loop(a, m, r, False, w)),
     "pipeline-compiled": ("same, pretrain.compile=true", lambda a, m, r, w: pipeline_loop(a, m, r, True, w)),
     "bare": ("bare PyTorch AMP loop", lambda a, m, r, w: bare_loop(a, m, r, False)),
     "bare-compiled": ("bare PyTorch AMP loop, torch.compile", lambda a, m, r, w: bare_loop(a, m, r, True)),
@@ -143,6 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--nominal-tflops", type=float, default=989.0, help="dense bf16 peak of the chip")

@@ -1,5 +1,6 @@
-"""Real process kills during a pipeline run: the driver (SIGKILL) and a Ray Train worker
-(SIGKILL, restarted by Ray Train). Training continues from its last checkpoint either way."""
+"""Real process kills during a pipeline run: the driver (SIGKILL, or SIGTERM as a preemption
+does) and a Ray Train worker (SIGKILL, restarted by Ray Train). Training continues from its
+last checkpoint either way, also on a different number of workers."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,13 @@ import time
 from tests.conftest import REPO
 
 LONG_PRETRAIN = ["pretrain.max_steps=150", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
-                 "pretrain.eval_every=150", "pretrain.num_workers=1", "pretrain.cpus_per_worker=2"]
+                 "pretrain.eval_every=150"]
 
 
-def start(root, *overrides):
+def start(root, *overrides, workers: int = 1):
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.run", "+experiment=tiny", f"paths.root={root}", "ray.num_cpus=2",
-         *LONG_PRETRAIN, *overrides],
+         *LONG_PRETRAIN, f"pretrain.num_workers={workers}", f"pretrain.cpus_per_worker={2 // workers}", *overrides],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -65,4 +66,23 @@ def test_killed_train_worker_is_restarted_by_ray_train(tmp_path):
     assert killed.returncode == 0, "no Ray Train worker process found to kill"
     output = finish(proc)
     assert "resumed from the checkpoint at step" in output
+    assert "summary JSON" in output
+
+
+def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path):
+    proc = start(tmp_path, workers=2)
+    reached = wait_for_step(tmp_path, proc, 25)
+    assert 25 <= reached < 150, f"not stopped mid-pretraining (step {reached})"
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, output[-4000:]
+    assert time.monotonic() - signalled < 90, "the stop took too long"
+    stopped_at = int(output.split("pretrain checkpointed at step ")[1].split(";")[0])
+    assert reached <= stopped_at < 150
+    assert "rerun the same command to continue" in output
+
+    output = finish(start(tmp_path, workers=1))
+    assert "written by 2 worker(s), resuming on 1" in output
+    assert f"resumed from the checkpoint at step {stopped_at}/150" in output
     assert "summary JSON" in output

@@ -146,3 +146,18 @@ def test_non_finite_loss_stops_training_without_a_checkpoint(steps, tmp_path):
     for tag in sorted(checkpoints.glob("step*")) if checkpoints.exists() else []:
         state = torch.load(next(tag.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
         assert all(torch.isfinite(v).all() for v in state.values()), f"{tag.name} holds non-finite weights"
+
+
+def test_zero3_pretraining_exports_consolidated_weights(steps, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg, dirs, _ = steps
+    out_dir = tmp_path / "zero3"
+    run_pretrain(cfg, dirs, out_dir, zero_stage=3, precision="fp32", max_steps=2)
+    probe = load_file(str(out_dir / "export_check.safetensors"))  # logits of the training weights
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir / "model"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(logits, probe["logits"], atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) > 0 and model.model.embed_tokens.weight.shape[0] == 512
