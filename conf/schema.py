@@ -184,7 +184,7 @@ class PrefixConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     method: str = "lora"
-    """'lora' or 'prefix'."""
+    """'lora', 'prefix' (PEFT adapters) or 'full' (every weight; for comparison)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     max_length: int = 256
@@ -206,20 +206,31 @@ class StdlibTaskConfig:
 @dataclass
 class TaskConfig:
     kind: str = "classification"
-    """'classification' (fields text, label) or 'generation' (fields prompt, completion)."""
+    """'classification' (fields text, label), 'generation' (prompt, completion) or 'chat'
+    (messages: a list of {role, content}, the last one the assistant's answer to learn)."""
     builtin: Optional[str] = None
     """Build the data from Python itself: 'stdlib_packages'. None: read train_path / test_path."""
     stdlib: StdlibTaskConfig = field(default_factory=StdlibTaskConfig)
     train_path: Optional[str] = None
-    """JSONL of training records."""
+    """Training records: .jsonl, .csv, .tsv or .parquet; a local path or a pyarrow.fs URI (file://, s3://, gs://)."""
+    val_path: Optional[str] = None
+    """Validation records (same formats); None: a seeded split of train_path."""
     test_path: Optional[str] = None
-    """JSONL of test records; None: a seeded split of train_path."""
+    """Test records (same formats); None: a seeded split of train_path."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column of each task field where the files name it differently, e.g. {text: sentence, label: category}."""
     test_fraction: float = 0.2
     """Share held out for testing when test_path is None."""
     val_fraction: float = 0.1
     """Share of the training records used for validation during fine-tuning."""
     prompt_template: str = "{text}\n### Label:"
-    """Prompt around the input field ({text} or {prompt})."""
+    """Prompt around the input field ({text} or {prompt}); not used for chat."""
+    chat_template: str = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    """Jinja template (sandboxed) that renders the conversation before the answer, for kind=chat."""
+    zero_shot_template: str = "Answer with one of: {labels}.\n{text}\n### Label:"
+    """Classification: the prompt of the zero-shot baseline (the untuned model told the labels)."""
     seed: int = 0
     """Seed of the splits."""
 
@@ -249,6 +260,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetunes: dict[str, FinetuneConfig] = field(default_factory=dict)
+    """Fine-tuning branches compared in one experiment (name -> settings, e.g. loaded with
+    `/finetune@finetunes.lora: lora` in an experiment's defaults): one pretrain, one finetune and
+    evaluate step per branch, one table. Empty: the single `finetune` section is used."""
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"

@@ -46,6 +46,7 @@ def ingest_identity(section) -> dict:
 @dataclass(frozen=True)
 class Step:
     name: str
+    """Unique in a plan: 'finetune', or 'finetune.lora' for a branch."""
     version: int
     fn: Callable
     section: Callable[[Config], Any]
@@ -53,6 +54,13 @@ class Step:
     train: Optional[Callable[[Any], TrainConfig]] = None
     """For training steps: where the workers' settings are; they run as a Ray Train job."""
     identity: Callable[[Any], Any] = identity
+    kind: str = ""
+    """The step function's name where `name` carries a branch: fingerprints, output directories
+    and the input names a step sees use it, so a branch shares its cache with a single run."""
+
+    @property
+    def base(self) -> str:
+        return self.kind or self.name
 
 
 STEPS = (
@@ -69,8 +77,25 @@ STEPS = (
 )
 
 
+def branch_steps(name: str, ft) -> tuple[Step, Step]:
+    """finetune.<name> and evaluate.<name> for one entry of `finetunes`."""
+    tune = Step(f"finetune.{name}", 1, finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
+                ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity, kind="finetune")
+    judge = Step(f"evaluate.{name}", 1, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
+                 ("tokenize", "pretrain", "taskdata", tune.name), kind="evaluate")
+    return tune, judge
+
+
+def steps_for(cfg: Config) -> tuple[Step, ...]:
+    """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`."""
+    if not cfg.finetunes:
+        return STEPS
+    shared = tuple(step for step in STEPS if step.name not in ("finetune", "evaluate"))
+    return shared + tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
+
+
 def fingerprint(step: Step, view: Any, upstream: dict[str, str]) -> str:
-    payload = json.dumps({"step": step.name, "version": step.version, "config": view, "upstream": upstream},
+    payload = json.dumps({"step": step.base, "version": step.version, "config": view, "upstream": upstream},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
@@ -87,14 +112,14 @@ class PlannedStep:
     reason: str
 
 
-def plan(cfg: Config, root: Path, steps=STEPS) -> list[PlannedStep]:
+def plan(cfg: Config, root: Path, steps=None) -> list[PlannedStep]:
     planned: dict[str, PlannedStep] = {}
-    for step in steps:
+    for step in steps or steps_for(cfg):
         section = step.section(cfg)
         view = step.identity(section)
-        upstream = {dep: planned[dep].fingerprint for dep in step.deps}
+        upstream = {planned[dep].step.base: planned[dep].fingerprint for dep in step.deps}
         fp = fingerprint(step, view, upstream)
-        out_dir = artifacts.step_dir(root, step.name, fp)
+        out_dir = artifacts.step_dir(root, step.base, fp)
         if artifacts.read_manifest(out_dir):
             status, reason = "cached", "same config and inputs"
         else:
@@ -106,9 +131,9 @@ def plan(cfg: Config, root: Path, steps=STEPS) -> list[PlannedStep]:
 def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -> str:
     if out_dir.exists():
         return "an earlier attempt did not finish"
-    if (artifacts.partial_dir(root, step.name, out_dir.name) / "checkpoints" / "latest").exists():
+    if (artifacts.partial_dir(root, step.base, out_dir.name) / "checkpoints" / "latest").exists():
         return "an earlier attempt stopped; continuing from its last checkpoint"
-    previous = artifacts.previous_manifests(root, step.name)
+    previous = artifacts.previous_manifests(root, step.base)
     if not previous:
         return "no earlier run"
     # Explain against the closest earlier run (fewest differences; the newest among equals).

@@ -234,6 +234,7 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         tracker.log_artifacts(run_id, [item.out_dir / artifacts.MANIFEST, item.out_dir / "report.json",
                                        item.out_dir / "quarantine.json"])
         tracker.log_loss_curve(run_id, item.out_dir / "train_log.jsonl", f"{name} loss")
+        tracker.log_table(run_id, item.out_dir / "samples.jsonl", "samples.json")
         tracker.end(run_id)
         results.append(StepResult(name, "ran" if item.status == "run" else "cached",
                                   seconds if item.status == "run" else manifest.get("seconds", 0.0),
@@ -245,10 +246,10 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
     log_metrics = tracker.metric_logger(run_id)
     training = item.step.train is not None
     if training:
-        staging = artifacts.partial_dir(root, item.step.name, item.fingerprint)
+        staging = artifacts.partial_dir(root, item.step.base, item.fingerprint)
         staging.mkdir(parents=True, exist_ok=True)
     else:
-        staging = artifacts.staging_dir(root, item.step.name, item.fingerprint)
+        staging = artifacts.staging_dir(root, item.step.base, item.fingerprint)
     started, started_wall = time.monotonic(), time.time()
     try:
         if training:
@@ -261,7 +262,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
         raise
     manifest = {
-        "step": item.step.name, "version": item.step.version, "fingerprint": item.fingerprint,
+        "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
         "config": item.view, "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
         "code_version": artifacts.code_version(), "started_at": started_wall, "finished_at": time.time(),
         "seconds": time.monotonic() - started, "mlflow_run_id": run_id,

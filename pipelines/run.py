@@ -28,7 +28,7 @@ def print_plan(planned: list[dag.PlannedStep]) -> None:
 
 
 def format_metric(step: str, metrics: dict) -> str:
-    key = executor.KEY_METRIC.get(step)
+    key = executor.KEY_METRIC.get(step.split(".")[0])
     value = metrics.get(key)
     if value is None:
         return ""
@@ -43,6 +43,8 @@ def print_summary(results: list[executor.StepResult], run_id: str, uri: str, sum
     evaluation = next((r.metrics for r in results if r.name == "evaluate"), {})
     if evaluation:
         print_evaluation(evaluation)
+    if any(r.name.startswith("evaluate.") for r in results):
+        print_comparison(results)
     print(f"\nMLflow parent run: {run_id}")
     print(f"review it with:    {tracking.ui_command(uri)}")
     print(f"summary JSON:      {summary_path}", flush=True)
@@ -52,11 +54,36 @@ def print_evaluation(metrics: dict) -> None:
     """Each model beside its baselines: perplexity on held-out pretraining text, then the task metrics."""
     ppl = {name: metrics.get(f"ppl_{name}") for name in ("unigram", "pretrained", "finetuned")}
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if v is not None))
-    models = [m for m in ("majority", "untuned", "finetuned") if any(k.startswith(m + "_") for k in metrics)]
+    models = [m for m in ("majority", "zero_shot", "untuned", "finetuned") if any(k.startswith(m + "_") for k in metrics)]
     names = sorted({k.split("_", 1)[1] for k in metrics for m in models if k.startswith(m + "_")})
     print(f"  {'task':<10} " + " ".join(f"{n:>10}" for n in names))
     for model in models:
         print(f"  {model:<10} " + " ".join(f"{metrics.get(f'{model}_{n}', float('nan')):>10.3f}" for n in names))
+
+
+def comparison_rows(results: list[executor.StepResult]) -> tuple[list[str], list[dict]]:
+    """One row per fine-tuning branch, after the baselines (majority class, untuned model)."""
+    by_name = {r.name: r.metrics for r in results}
+    branches = [r.name.split(".", 1)[1] for r in results if r.name.startswith("evaluate.")]
+    first = by_name[f"evaluate.{branches[0]}"]
+    metrics = sorted({k.split("_", 1)[1] for k in first if k.startswith("finetuned_")})
+    rows = [{"model": name, **{m: first.get(f"{name}_{m}") for m in metrics}} for name in ("majority", "zero_shot", "untuned")
+            if any(f"{name}_{m}" in first for m in metrics)]
+    for branch in branches:
+        tuned, scores = by_name.get(f"finetune.{branch}", {}), by_name[f"evaluate.{branch}"]
+        rows.append({"model": branch, "trainable": tuned.get("trainable_parameters"),
+                     "train_s": tuned.get("train_seconds"), "val_loss": tuned.get("final_val_loss"),
+                     "ppl": scores.get("ppl_finetuned"), **{m: scores.get(f"finetuned_{m}") for m in metrics}})
+    return ["trainable", "train_s", "val_loss", "ppl", *metrics], rows
+
+
+def print_comparison(results: list[executor.StepResult]) -> None:
+    columns, rows = comparison_rows(results)
+    print("\nfine-tuning branches against the baselines (task metrics on the test split):")
+    print(f"  {'model':<10} " + " ".join(f"{c:>11}" for c in columns))
+    show = lambda v: f"{'-':>11}" if v is None else (f"{v:>11,}" if isinstance(v, int) else f"{v:>11.3f}")
+    for row in rows:
+        print(f"  {row['model']:<10} " + " ".join(show(row.get(c)) for c in columns))
 
 
 def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
@@ -92,7 +119,8 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         tracker.log_artifacts(run_id, [summary_path])
         for r in results:
             tracker.client.set_tag(run_id, f"lmforge.step.{r.name}", f"{r.status} {r.fingerprint}")
-        final = next((r.metrics for r in results if r.name == "evaluate"), {})
+        final = {(k if r.name == "evaluate" else f"{r.name.split('.', 1)[1]}.{k}"): v
+                 for r in results if r.name.split(".")[0] == "evaluate" for k, v in r.metrics.items()}
         tracker.log_metrics(run_id, final)
         tracker.end(run_id)
         print_summary(results, run_id, uri, summary_path)

@@ -112,6 +112,16 @@ class Tracker:
             if path.exists():
                 self.client.log_artifact(run_id, str(path))
 
+    def log_table(self, run_id: str, jsonl_path: Path, name: str) -> None:
+        """Rows of a JSONL file as an MLflow table (shown in the UI's artifact view and Evaluation tab)."""
+        if not jsonl_path.exists():
+            return
+        rows = [json.loads(line) for line in jsonl_path.read_text().splitlines() if line.strip()]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        data = {c: [row[c] if isinstance(row.get(c), (str, int, float)) else json.dumps(row.get(c)) for row in rows]
+                for c in columns}
+        self.client.log_table(run_id, data=data, artifact_file=name)
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
@@ -126,7 +136,8 @@ class Tracker:
 
         rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+        trained = [r for r in rows if "loss" in r]  # a window of only skipped steps has no loss
+        ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
         val = [r for r in rows if "val_loss" in r]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
         ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=title)

@@ -4,7 +4,9 @@ Each failure is one UserError whose message starts with the config key at fault.
 """
 from __future__ import annotations
 
-from conf.schema import Config, TrainConfig
+import re
+
+from conf.schema import Config, FinetuneConfig, TrainConfig
 from tasks import finetune, taskdata
 from tasks.common import UserError
 from tasks.tokenize import SPECIAL_TOKENS
@@ -61,30 +63,47 @@ def validate(cfg: Config) -> None:
     check(model.num_heads % model.num_kv_heads == 0,
           f"model.num_kv_heads: {model.num_kv_heads} does not divide model.num_heads ({model.num_heads})")
     validate_train("pretrain", cfg.pretrain)
-    validate_train("finetune", cfg.finetune)
-    check(cfg.finetune.method in finetune.FINETUNE_METHODS,
-          f"finetune.method: unknown method '{cfg.finetune.method}' (known: {', '.join(finetune.FINETUNE_METHODS)})")
-    check(not (cfg.finetune.method == "prefix" and cfg.finetune.activation_checkpointing),
-          "finetune.activation_checkpointing: PEFT's prefix tuning does not support it; set it to false")
-    extra = cfg.finetune.prefix.num_virtual_tokens if cfg.finetune.method == "prefix" else 0
-    check(cfg.finetune.max_length + extra <= model.max_position_embeddings,
-          f"finetune.max_length: {cfg.finetune.max_length} (+{extra} virtual tokens) exceeds "
-          f"model.max_position_embeddings ({model.max_position_embeddings})")
+    branches = {f"finetunes.{name}": ft for name, ft in cfg.finetunes.items()} or {"finetune": cfg.finetune}
+    for key, ft in branches.items():
+        check(key == "finetune" or re.fullmatch(r"finetunes\.[a-z0-9_]{1,32}", key) is not None,
+              f"{key}: a branch name is 1-32 lower-case letters, digits or underscores")
+        validate_finetune(key, ft, model.max_position_embeddings)
     validate_task(cfg)
+
+
+def validate_finetune(key: str, cfg: FinetuneConfig, max_positions: int) -> None:
+    validate_train(key, cfg)
+    check(cfg.method in finetune.FINETUNE_METHODS,
+          f"{key}.method: unknown method '{cfg.method}' (known: {', '.join(finetune.FINETUNE_METHODS)})")
+    extra = cfg.prefix.num_virtual_tokens if cfg.method == "prefix" else 0
+    check(cfg.max_length + extra <= max_positions,
+          f"{key}.max_length: {cfg.max_length} (+{extra} virtual tokens) exceeds "
+          f"model.max_position_embeddings ({max_positions})")
 
 
 def validate_task(cfg: Config) -> None:
     task = cfg.task
     check(task.kind in taskdata.FIELDS, f"task.kind: must be one of {tuple(taskdata.FIELDS)}, got '{task.kind}'")
     input_field = taskdata.FIELDS[task.kind][0]
-    check("{" + input_field + "}" in task.prompt_template,
+    check(task.kind == "chat" or "{" + input_field + "}" in task.prompt_template,
           f"task.prompt_template: must contain '{{{input_field}}}' for task.kind={task.kind}")
+    if task.kind == "chat":
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment().from_string(task.chat_template)
+        except TemplateSyntaxError as error:
+            raise UserError(f"task.chat_template: {error.message} (line {error.lineno})") from None
+    unknown = set(task.fields) - set(taskdata.FIELDS[task.kind])
+    check(not unknown, f"task.fields: {sorted(unknown)} are not fields of task.kind={task.kind} "
+                       f"({', '.join(taskdata.FIELDS[task.kind])})")
     check(0 < task.test_fraction < 1 and 0 < task.val_fraction < 1, "task.test_fraction / task.val_fraction: must be within (0, 1)")
     if task.builtin is None:  # read the user's files now: a bad record stops the run before any training
         check(bool(task.train_path), "task.train_path: required when task.builtin is not set")
-        taskdata.load_records(task.train_path, task.kind, "task.train_path")
-        if task.test_path:
-            taskdata.load_records(task.test_path, task.kind, "task.test_path")
+        for key in ("train_path", "val_path", "test_path"):
+            if getattr(task, key):
+                taskdata.load_records(getattr(task, key), task, f"task.{key}")
     else:
         check(task.builtin in ("stdlib_packages",), f"task.builtin: unknown data set '{task.builtin}' (known: stdlib_packages)")
         check(task.kind == "classification", "task.kind: the 'stdlib_packages' data set is a classification task")

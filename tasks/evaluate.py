@@ -10,6 +10,7 @@ and ties go to the first label in sorted order.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 
 from conf.schema import EvaluateStepConfig, TaskConfig
 from tasks.common import Progress, TaskContext, write_json, write_jsonl
-from tasks.finetune import collate, load_base_model
-from tasks.taskdata import encode_example, load_labels, load_split
+from tasks.finetune import collate, load_base_model, load_tuned
+from tasks.taskdata import encode_example, load_labels, load_split, render, target_of
 from tasks.tokenize import load_split as load_tokens
 from tasks.training import quiet_frameworks
 
@@ -97,7 +98,7 @@ def generation_scores(model, tokenizer, records: list[dict], task: TaskConfig, m
         outputs.append(tokenizer.decode(generate(model, tokenizer, ids[:start], max_new_tokens),
                                         skip_special_tokens=True).strip())
         progress.update()
-    gold = [r["completion"].strip() for r in records]
+    gold = [target_of(r, task.kind).strip() for r in records]
     chrf = CHRF().corpus_score(outputs, [gold]).score
     return {"exact_match": sum(o == g for o, g in zip(outputs, gold)) / len(gold), "chrf": chrf}, outputs
 
@@ -106,27 +107,30 @@ def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict,
                  ctx: TaskContext) -> tuple[dict, list[dict]]:
     task = cfg.task
     test = load_split(inputs["taskdata"], "test")[: cfg.eval.max_examples]
-    progress = Progress(ctx, len(test) * len(models), "test examples")
+    runs = len(models) + (task.kind == "classification")  # + the zero-shot baseline
+    progress = Progress(ctx, len(test) * runs, "test examples")
     results, predictions = {}, {}
     if task.kind == "classification":
         labels = load_labels(inputs["taskdata"])
         majority = collections.Counter(r["label"] for r in load_split(inputs["taskdata"], "train")).most_common(1)[0][0]
         results["majority"] = classification_scores([r["label"] for r in test], [majority] * len(test), labels)
-        for name, model in models.items():
-            predictions[name] = classify(model, tokenizer, test, labels, task, max_length, progress)
+        # zero-shot: the untuned model, told the candidate labels in its prompt
+        zero_shot = dataclasses.replace(task, prompt_template=task.zero_shot_template.replace("{labels}", ", ".join(labels)))
+        for name, (model, prompt) in {**{n: (m, task) for n, m in models.items()},
+                                      "zero_shot": (models["untuned"], zero_shot)}.items():
+            predictions[name] = classify(model, tokenizer, test, labels, prompt, max_length, progress)
             results[name] = classification_scores([r["label"] for r in test], predictions[name], labels)
     else:
         for name, model in models.items():
             results[name], predictions[name] = generation_scores(
                 model, tokenizer, test, task, max_length, cfg.eval.max_new_tokens, progress)
-    target = "label" if task.kind == "classification" else "completion"
-    examples = [{"gold": r[target], **{f"{n}_prediction": predictions[n][i] for n in models}}
+    examples = [{"input": render(r, task)[1][-300:], "gold": target_of(r, task.kind),
+                 **{f"{n}_prediction": predictions[n][i] for n in predictions}}
                 for i, r in enumerate(test[: max(cfg.eval.num_samples, 5)])]
     return {"num_examples": len(test), "scores": results}, examples
 
 
 def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     quiet_frameworks()
@@ -134,7 +138,7 @@ def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) 
     model_dir = Path(inputs["pretrain"]) / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     base = load_base_model(model_dir).eval()
-    tuned = PeftModel.from_pretrained(load_base_model(model_dir), str(Path(inputs["finetune"]) / "adapter")).eval()
+    tuned = load_tuned(Path(inputs["finetune"]), model_dir).eval()
     max_length = cfg.max_length
 
     tokens_dir = Path(inputs["tokenize"])

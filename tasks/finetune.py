@@ -1,8 +1,10 @@
-"""finetune: parameter-efficient tuning (PEFT LoRA or prefix tuning) of the pretrained model
-on the task data, under DeepSpeed ZeRO, with the loss on the target tokens only.
+"""finetune: tuning of the pretrained model on the task data (PEFT LoRA, PEFT prefix tuning,
+or full fine-tuning for comparison), under DeepSpeed ZeRO, with the loss on the target tokens only.
 
-Runs in every data-parallel worker (launched by the executor through Ray Train); rank 0
-saves the PEFT adapter directory, which loads with `PeftModel.from_pretrained`.
+Runs in every data-parallel worker (launched by the executor through Ray Train). Rank 0 saves
+`adapter/` (PEFT methods; loads with `PeftModel.from_pretrained`), for LoRA also `merged/`
+(the adapter merged into the base weights, a plain Hugging Face model, checked against base +
+adapter on a probe batch), and for full fine-tuning `model/`.
 
     train_worker(cfg: FinetuneStepConfig, inputs={"pretrain", "taskdata"}, out_dir, ctx) -> metrics
 """
@@ -35,13 +37,56 @@ def prefix_config(cfg: FinetuneConfig):
                               prefix_projection=cfg.prefix.prefix_projection)
 
 
-FINETUNE_METHODS = {"lora": lora_config, "prefix": prefix_config}
+def full_config(cfg: FinetuneConfig) -> None:
+    """Every weight trains; there is no adapter."""
+    return None
+
+
+FINETUNE_METHODS = {"lora": lora_config, "prefix": prefix_config, "full": full_config}
 
 
 def load_base_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def prepare_model(model_dir: Path, cfg: FinetuneConfig):
+    from peft import get_peft_model
+
+    peft_config = FINETUNE_METHODS[cfg.method](cfg)
+    base = load_base_model(model_dir)
+    return base if peft_config is None else get_peft_model(base, peft_config)
+
+
+def load_tuned(finetune_dir: Path, model_dir: Path):
+    """The fine-tuned model of a finetune step's output, whatever the method."""
+    from peft import PeftModel
+
+    if (finetune_dir / "model").is_dir():
+        return load_base_model(finetune_dir / "model")
+    return PeftModel.from_pretrained(load_base_model(model_dir), str(finetune_dir / "adapter"))
+
+
+@torch.no_grad()
+def export_merged(model_dir: Path, out_dir: Path, tokenizer, probe_ids: torch.Tensor) -> float:
+    """LoRA merged into the base weights, saved as a plain Hugging Face model and proven equal
+    to base + adapter on a probe batch; returns the largest logit difference."""
+    from safetensors.torch import save_file
+
+    tuned = load_tuned(out_dir, model_dir).eval()
+    expected = tuned(input_ids=probe_ids).logits
+    merged = tuned.merge_and_unload()
+    if merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight:
+        merged.config.tie_word_embeddings = False  # a trained embedding copy no longer ties to the head
+    merged.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir / "merged"))
+    reloaded = load_base_model(out_dir / "merged").eval()
+    error = (reloaded(input_ids=probe_ids).logits - expected).abs().max().item()
+    if error > 1e-4:
+        raise RuntimeError(f"merged LoRA model differs from base + adapter (max logit error {error:.2e})")
+    save_file({"input_ids": probe_ids, "logits": expected.contiguous()}, str(out_dir / "merge_check.safetensors"))
+    return error
 
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
@@ -60,7 +105,6 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
 
 
 def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
-    from peft import get_peft_model
     from transformers import AutoTokenizer
 
     train_cfg = cfg.finetune
@@ -72,9 +116,10 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     train_examples = encode(load_split(inputs["taskdata"], "train"))
     val_examples = encode(load_split(inputs["taskdata"], "val"))
 
-    model = get_peft_model(load_base_model(model_dir), FINETUNE_METHODS[train_cfg.method](train_cfg))
+    model = prepare_model(model_dir, train_cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = training.init_engine(model, train_cfg, world)
+    # Whole-layer recomputation would drop prefix tuning's trained KV cache: recompute MLPs only.
+    engine = training.init_engine(model, train_cfg, world, recompute="mlp" if train_cfg.method == "prefix" else "layers")
     if rank == 0:
         ctx.say(f"{train_cfg.method}: {trainable:,} trainable parameters, {len(train_examples)} train examples, "
                 f"ZeRO-{train_cfg.zero_stage}, {world} worker(s)")
@@ -96,9 +141,13 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
         return metrics
 
+    saved_dir = out_dir / ("model" if train_cfg.method == "full" else "adapter")
     with training.full_parameters(engine) as module:
         if rank == 0:
-            module.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
-            tokenizer.save_pretrained(str(out_dir / "adapter"))
+            module.save_pretrained(str(saved_dir), safe_serialization=True)
+            tokenizer.save_pretrained(str(saved_dir))
+    if rank == 0 and train_cfg.method == "lora":
+        probe = torch.tensor([val_examples[0][0]])
+        metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe)
     training.remove_checkpoints(out_dir / "checkpoints", rank)
     return {**metrics, "trainable_parameters": trainable}

@@ -1,9 +1,11 @@
 """taskdata: the fine-tuning data set, validated and split into train/val/test JSONL.
 
-Records are classification ({"text", "label"}) or generation ({"prompt", "completion"}),
-read from the user's JSONL files or built from Python itself ('stdlib_packages': which
+Records are classification ({"text", "label"}), generation ({"prompt", "completion"}) or chat
+({"messages": [{"role", "content"}, ...]}, the last message the assistant's answer), read
+from the user's JSONL, CSV/TSV or Parquet files (local, or any pyarrow.fs URI), with columns
+mapped by `task.fields`, or built from Python itself ('stdlib_packages': which
 standard-library package a function's source comes from). A record with a missing or
-wrongly typed field is reported with its file and line number.
+wrongly typed field is reported with its file and line (or row) number.
 
     run(cfg: TaskConfig, inputs={}, out_dir, ctx) -> metrics
 """
@@ -16,26 +18,91 @@ import textwrap
 from pathlib import Path
 
 from conf.schema import StdlibTaskConfig, TaskConfig
-from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, read_jsonl, write_json, write_jsonl
+from tasks.common import TaskContext, UserError, hash_fraction, read_jsonl, write_json, write_jsonl
 
-FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion")}
+FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion"), "chat": ("messages",)}
+ROLES = ("system", "user", "assistant")
 SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 
 
-def load_records(path: str, kind: str, key: str) -> list[dict]:
-    """Read and check a JSONL file; UserError names the file, line and field."""
-    if kind not in FIELDS:
-        raise UserError(f"task.kind: unknown kind '{kind}' (known: {', '.join(FIELDS)})")
-    if not Path(path).is_file():
-        raise UserError(f"{key}: no such file '{path}'")
+def read_rows(path: str, key: str) -> list[tuple[str, object]]:
+    """(location, row) pairs of a JSONL, CSV/TSV or Parquet file, local or behind a URI."""
+    import csv
+    import io
+    import json
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+        if fs.get_file_info(inner).type != pafs.FileType.File:
+            raise UserError(f"{key}: no such file '{path}'")
+        suffix = Path(inner).suffix.lower()
+        if suffix == ".parquet":
+            return [(f"row {i + 1}", row) for i, row in enumerate(pq.read_table(inner, filesystem=fs).to_pylist())]
+        with fs.open_input_stream(inner) as stream:
+            text = stream.read().decode("utf-8")
+    except UserError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{key}: cannot read '{path}': {str(error).splitlines()[0]}") from None
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        return [(f"line {reader.line_num}", row) for row in reader]
+    if suffix not in (".jsonl", ".json"):
+        raise UserError(f"{key}: '{path}' is not .jsonl, .csv, .tsv or .parquet")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({error.msg})") from None
+    return rows
+
+
+def check_messages(value, where: str) -> list[dict]:
+    import json
+
+    if isinstance(value, str):  # a CSV cell holds the list as JSON
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: 'messages' is not a JSON list") from None
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or \
+                not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise UserError(f"{where}: messages[{i}] needs a role in {ROLES} and non-empty string content")
+    if value[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's (the answer to learn)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def load_records(path: str, cfg: TaskConfig, key: str) -> list[dict]:
+    """Read and check a data file; UserError names the file, line or row, and field."""
+    if cfg.kind not in FIELDS:
+        raise UserError(f"task.kind: unknown kind '{cfg.kind}' (known: {', '.join(FIELDS)})")
     records = []
-    for lineno, record in iter_jsonl(path):
-        for name in FIELDS[kind]:
-            if not isinstance(record, dict) or name not in record:
-                raise UserError(f"{path}:{lineno}: missing field '{name}' (task.kind={kind})")
-            if not isinstance(record[name], str) or not record[name].strip():
-                raise UserError(f"{path}:{lineno}: field '{name}' must be a non-empty string")
-        records.append({name: record[name] for name in FIELDS[kind]})
+    for location, row in read_rows(path, key):
+        where = f"{path}:{location.split()[-1]}" if location.startswith("line") else f"{path}: {location}"
+        record = {}
+        for name in FIELDS[cfg.kind]:
+            column = cfg.fields.get(name, name)
+            mapped = f" (column '{column}')" if column != name else ""
+            if not isinstance(row, dict) or column not in row or row[column] is None:
+                raise UserError(f"{where}: missing field '{name}'{mapped} (task.kind={cfg.kind})")
+            value = row[column]
+            if name == "messages":
+                value = check_messages(value, where)
+            elif name == "label" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            elif not isinstance(value, str) or not value.strip():
+                raise UserError(f"{where}: field '{name}'{mapped} must be a non-empty string")
+            record[name] = value
+        records.append(record)
     if not records:
         raise UserError(f"{key}: '{path}' holds no records")
     return records
@@ -66,7 +133,9 @@ def stdlib_function_records(cfg: StdlibTaskConfig, seed: int) -> list[dict]:
 
 
 def record_key(record: dict) -> str:
-    return "\x1f".join(str(v) for v in record.values())
+    import json
+
+    return "\x1f".join(v if isinstance(v, str) else json.dumps(v, sort_keys=True) for v in record.values())
 
 
 def split(records: list[dict], fraction: float, seed: int, salt: str) -> tuple[list[dict], list[dict]]:
@@ -86,17 +155,18 @@ def prepare(cfg: TaskConfig) -> dict[str, list[dict]]:
     if cfg.kind not in FIELDS:
         raise UserError(f"task.kind: unknown kind '{cfg.kind}' (known: {', '.join(FIELDS)})")
     if cfg.builtin == "stdlib_packages":
-        records, test = stdlib_function_records(cfg.stdlib, cfg.seed), None
+        records, test, val = stdlib_function_records(cfg.stdlib, cfg.seed), None, None
     elif cfg.builtin is not None:
         raise UserError(f"task.builtin: unknown data set '{cfg.builtin}' (known: stdlib_packages)")
     else:
         if not cfg.train_path:
             raise UserError("task.train_path: required when task.builtin is not set")
-        records = load_records(cfg.train_path, cfg.kind, "task.train_path")
-        test = load_records(cfg.test_path, cfg.kind, "task.test_path") if cfg.test_path else None
+        records = load_records(cfg.train_path, cfg, "task.train_path")
+        test = load_records(cfg.test_path, cfg, "task.test_path") if cfg.test_path else None
+        val = load_records(cfg.val_path, cfg, "task.val_path") if cfg.val_path else None
     if test is None:
         records, test = split(records, cfg.test_fraction, cfg.seed, "test")
-    train, val = split(records, cfg.val_fraction, cfg.seed, "val")
+    train, val = split(records, cfg.val_fraction, cfg.seed, "val") if val is None else (records, val)
     for name, part in (("train", train), ("val", val), ("test", test)):
         if not part:
             raise UserError(f"task: the {name} split is empty ({len(records)} records; check task.*_fraction)")
@@ -127,8 +197,19 @@ def load_labels(taskdata_dir: Path) -> list[str]:
     return json.loads((Path(taskdata_dir) / "labels.json").read_text())
 
 
+def target_of(record: dict, kind: str) -> str:
+    """The text the model learns to produce."""
+    return record["messages"][-1]["content"] if kind == "chat" else record[FIELDS[kind][1]]
+
+
 def render(record: dict, cfg: TaskConfig) -> tuple[str, str, str, str]:
     """Text before the input, the input, text after it, and the target of one record."""
+    if cfg.kind == "chat":
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # a template from config runs no code
+
+        template = ImmutableSandboxedEnvironment().from_string(cfg.chat_template)
+        return "", template.render(messages=record["messages"][:-1], add_generation_prompt=True), "", \
+            target_of(record, "chat")
     input_field, target_field = FIELDS[cfg.kind]
     head, _, tail = cfg.prompt_template.partition("{" + input_field + "}")
     return head, record[input_field], tail, " " + record[target_field]
@@ -136,7 +217,8 @@ def render(record: dict, cfg: TaskConfig) -> tuple[str, str, str, str]:
 
 def encode_example(tokenizer, record: dict, cfg: TaskConfig, max_length: int) -> tuple[list[int], int]:
     """Token ids of prompt + target + EOS and the index where the target starts. An over-long
-    input is cut from its end so the template's tail and the whole target always fit."""
+    input is cut (its end; for a conversation its beginning) so the template's tail and the
+    whole target always fit."""
     head, body, tail, target = render(record, cfg)
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False) if s else []
     head_ids, body_ids, tail_ids = encode(head), encode(body), encode(tail)
@@ -145,5 +227,6 @@ def encode_example(tokenizer, record: dict, cfg: TaskConfig, max_length: int) ->
     if room < 1:
         raise UserError(f"finetune.max_length ({max_length}) leaves no room for the input of a record "
                         f"(template and target take {max_length - room} tokens)")
-    prompt_ids = head_ids + body_ids[:room] + tail_ids
+    kept = body_ids[-room:] if cfg.kind == "chat" else body_ids[:room]
+    prompt_ids = head_ids + kept + tail_ids
     return prompt_ids + target_ids, len(prompt_ids)

@@ -131,12 +131,41 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
-def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int):
-    """DeepSpeed engine over build_optimizer's AdamW and schedule."""
+class Recompute(torch.nn.Module):
+    """Runs `inner` under activation checkpointing. The recomputation goes through the module's
+    own call, so DeepSpeed's ZeRO-3 hooks gather its weights again."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def recompute_mlps(model: torch.nn.Module) -> None:
+    """Selective activation checkpointing: the MLP of every decoder layer (most of the activation
+    memory). Attention is left alone, so a KV cache that carries trained state (prefix tuning)
+    is used once per step, which Hugging Face's whole-layer checkpointing cannot do."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+    if not layers:
+        raise UserError("activation_checkpointing: the model has no decoder layers with an 'mlp' module")
+    for layer in layers:
+        if not isinstance(layer.mlp, Recompute):
+            layer.mlp = Recompute(layer.mlp)
+
+
+def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int, recompute: str = "layers"):
+    """DeepSpeed engine over build_optimizer's AdamW and schedule. With activation checkpointing,
+    `recompute` says what is recomputed: whole decoder layers ('layers') or their MLPs ('mlp')."""
     import deepspeed
 
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and recompute == "layers":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.activation_checkpointing:
+        recompute_mlps(model)
 
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(

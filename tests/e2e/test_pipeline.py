@@ -74,7 +74,7 @@ def test_mlflow_has_a_parent_with_one_child_per_step(first_run, root):
     assert len(history) >= 4 and {m.step for m in history} >= {2, 4, 6, 8}
     assert "config.yaml" in [a.path for a in client.list_artifacts(summary["run_id"])]
     assert {"loss_curve.png", "_manifest.json"} <= {a.path for a in client.list_artifacts(by_step["pretrain"].info.run_id)}
-    assert "report.json" in [a.path for a in client.list_artifacts(by_step["evaluate"].info.run_id)]
+    assert {"report.json", "samples.json"} <= {a.path for a in client.list_artifacts(by_step["evaluate"].info.run_id)}
 
 
 def test_exported_model_and_adapter_load_in_transformers_and_peft(first_run, root):

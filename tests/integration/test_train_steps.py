@@ -54,15 +54,22 @@ def test_pretrain_logs_and_exports_a_loadable_model(steps):
     assert model.config.num_hidden_layers == cfg.model.num_layers
 
 
-@pytest.mark.parametrize("method,zero_stage", [("lora", 2), ("prefix", 3)])
+@pytest.mark.parametrize("method,zero_stage", [("lora", 2), ("prefix", 3), ("full", 3)])
 def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage):
     from peft import PeftModel
 
     cfg, dirs, _ = steps
     ft, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method=method, zero_stage=zero_stage)
-    assert metrics["trainable_parameters"] > 0
     base = finetune.load_base_model(dirs["pretrain"] / "model")
-    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "finetune" / "adapter"), PeftModel)
+    total = sum(p.numel() for p in base.parameters())
+    if method == "full":
+        assert metrics["trainable_parameters"] == total
+        assert not (tmp_path / "finetune" / "adapter").exists()
+        tuned = finetune.load_base_model(tmp_path / "finetune" / "model")
+        assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))
+    else:
+        assert 0 < metrics["trainable_parameters"] < total
+        assert isinstance(PeftModel.from_pretrained(base, tmp_path / "finetune" / "adapter"), PeftModel)
 
     out = tmp_path / "evaluate"
     out.mkdir()
@@ -70,7 +77,7 @@ def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage):
               "finetune": tmp_path / "finetune"}
     result = evaluate.run(EvaluateStepConfig(cfg.eval, cfg.task, ft.max_length), inputs, out, TaskContext("evaluate"))
     report = json.loads((out / "report.json").read_text())
-    assert set(report["task"]["scores"]) == {"majority", "untuned", "finetuned"}
+    assert set(report["task"]["scores"]) == {"majority", "zero_shot", "untuned", "finetuned"}
     assert report["perplexity"]["pretrained"] == pytest.approx(result["ppl_pretrained"])
     assert len(report["samples"]) == cfg.eval.num_samples
 
@@ -161,3 +168,62 @@ def test_zero3_pretraining_exports_consolidated_weights(steps, tmp_path):
         logits = model(input_ids=probe["input_ids"]).logits
     assert torch.allclose(logits, probe["logits"], atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) > 0 and model.model.embed_tokens.weight.shape[0] == 512
+
+
+def test_lora_merged_model_matches_base_plus_adapter(steps, tmp_path):
+    from peft import PeftModel
+
+    cfg, dirs, _ = steps
+    _, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method="lora")
+    assert metrics["merge_max_logit_error"] <= 1e-4
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+    adapter = PeftModel.from_pretrained(finetune.load_base_model(dirs["pretrain"] / "model"),
+                                        tmp_path / "finetune" / "adapter").eval()
+    merged = finetune.load_base_model(tmp_path / "finetune" / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-4)
+
+
+def test_prefix_tuning_with_activation_checkpointing_under_zero3(steps, tmp_path):
+    """PEFT refuses whole-layer checkpointing for prefix tuning; MLP recomputation keeps the losses."""
+    cfg, dirs, _ = steps
+    losses = []
+    for name, recompute in (("plain", False), ("recompute", True)):
+        run_finetune(cfg, dirs, tmp_path / name, method="prefix", zero_stage=3, precision="fp32",
+                     activation_checkpointing=recompute)
+        losses.append([json.loads(l)["loss"] for l in (tmp_path / name / "train_log.jsonl").read_text().splitlines()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_chat_task_from_csv_end_to_end(steps, tmp_path):
+    """messages with roles, read from CSV through a field mapping: loss on the last answer only,
+    exact match and chrF of generated answers."""
+    import csv
+
+    cfg, dirs, _ = steps
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"] * 3
+    with open(tmp_path / "chat.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "conversation"])
+        for i, n in enumerate(names):
+            writer.writerow([i, json.dumps([{"role": "user", "content": f"Return of get_{n}{i}?"},
+                                            {"role": "assistant", "content": f"self.{n}{i}"}])])
+    task = dataclasses.replace(cfg.task, kind="chat", builtin=None, train_path=str(tmp_path / "chat.csv"),
+                               fields={"messages": "conversation"}, test_fraction=0.3, val_fraction=0.2)
+    (tmp_path / "taskdata").mkdir()
+    taskdata.run(task, {}, tmp_path / "taskdata", TaskContext("taskdata"))
+    records = taskdata.load_split(tmp_path / "taskdata", "train")
+    assert records[0]["messages"][-1]["role"] == "assistant"
+
+    chat_dirs = {**dirs, "taskdata": tmp_path / "taskdata"}
+    ft, metrics = run_finetune(dataclasses.replace(cfg, task=task), chat_dirs, tmp_path / "finetune")
+    assert metrics["final_val_loss"] > 0
+    (tmp_path / "evaluate").mkdir()
+    inputs = {"tokenize": dirs["tokenize"], "pretrain": dirs["pretrain"], "taskdata": tmp_path / "taskdata",
+              "finetune": tmp_path / "finetune"}
+    result = evaluate.run(EvaluateStepConfig(cfg.eval, task, ft.max_length), inputs, tmp_path / "evaluate",
+                          TaskContext("evaluate"))
+    assert 0 <= result["finetuned_chrf"] <= 100 and "finetuned_exact_match" in result
+    examples = json.loads((tmp_path / "evaluate" / "report.json").read_text())["task_examples"]
+    assert examples[0]["gold"].startswith("self.") and "<|user|>" in examples[0]["input"]

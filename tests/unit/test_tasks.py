@@ -98,13 +98,66 @@ def test_collate_puts_loss_on_targets_only():
 
 
 def test_load_records_reports_file_and_line(tmp_path):
+    gen = TaskConfig(kind="generation")
     path = tmp_path / "gen.jsonl"
     path.write_text('{"prompt": "p", "completion": "c"}\n\n{"prompt": "p", "completion": 3}\n')
     with pytest.raises(UserError, match=r"gen.jsonl:3: field 'completion' must be a non-empty string"):
-        taskdata.load_records(str(path), "generation", "task.train_path")
+        taskdata.load_records(str(path), gen, "task.train_path")
     path.write_text('{"prompt": "p", "completion": "c"}\nnot json\n')
-    with pytest.raises(UserError, match=r"gen.jsonl:2: not a valid JSON line"):
-        taskdata.load_records(str(path), "generation", "task.train_path")
+    with pytest.raises(UserError, match=r"gen.jsonl:2: invalid JSON"):
+        taskdata.load_records(str(path), gen, "task.train_path")
+    with pytest.raises(UserError, match=r"task.val_path: no such file"):
+        taskdata.load_records(str(tmp_path / "missing.csv"), gen, "task.val_path")
+
+
+def test_csv_tsv_parquet_and_uri_with_a_field_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = TaskConfig(kind="classification", fields={"text": "sentence", "label": "category"})
+    (tmp_path / "a.csv").write_text('sentence,category\n"hello, world",greet\n"bye\nnow",part\n')
+    (tmp_path / "a.tsv").write_text("sentence\tcategory\nhello\tgreet\n")
+    pq.write_table(pa.table({"sentence": ["hello", "bye"], "category": [1, 0]}), tmp_path / "a.parquet")
+    expected = [{"text": "hello, world", "label": "greet"}, {"text": "bye\nnow", "label": "part"}]
+    assert taskdata.load_records(str(tmp_path / "a.csv"), cfg, "k") == expected
+    assert taskdata.load_records(f"file://{tmp_path}/a.csv", cfg, "k") == expected
+    assert taskdata.load_records(str(tmp_path / "a.tsv"), cfg, "k") == [{"text": "hello", "label": "greet"}]
+    assert taskdata.load_records(str(tmp_path / "a.parquet"), cfg, "k")[0] == {"text": "hello", "label": "1"}
+    (tmp_path / "b.csv").write_text("sentence,cat\nhello,greet\n")
+    with pytest.raises(UserError, match=r"b.csv:2: missing field 'label' \(column 'category'\)"):
+        taskdata.load_records(str(tmp_path / "b.csv"), cfg, "k")
+    pq.write_table(pa.table({"sentence": ["x", ""], "category": ["a", "b"]}), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match=r"b.parquet: row 2: field 'text' \(column 'sentence'\) must be"):
+        taskdata.load_records(str(tmp_path / "b.parquet"), cfg, "k")
+
+
+def test_chat_records_are_checked_rendered_and_cut_from_the_start(tmp_path):
+    import json
+
+    cfg = TaskConfig(kind="chat")
+    good = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": good["messages"][:2]}) + "\n")
+    with pytest.raises(UserError, match=r"chat.jsonl:2: the last message must be the assistant's"):
+        taskdata.load_records(str(path), cfg, "task.train_path")
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chat.jsonl:1: messages\[0\] needs a role"):
+        taskdata.load_records(str(path), cfg, "task.train_path")
+
+    head, body, tail, target = taskdata.render(good, cfg)
+    assert body == "<|system|>\nBe brief.\n<|user|>\nHi?\n<|assistant|>\n" and target == "Hello."
+
+    class CharTokenizer:
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    ids, start = taskdata.encode_example(CharTokenizer(), good, cfg, max_length=20)
+    assert len(ids) == 20 and "".join(map(chr, ids[start:-1])) == "Hello."
+    prompt = "".join(map(chr, ids[:start]))
+    assert len(prompt) < len(body) and body.endswith(prompt)  # the start of the conversation is cut
 
 
 def test_stdlib_task_has_real_balanced_labels():

@@ -1,0 +1,64 @@
+"""One pretrained model, several fine-tuning methods: the DAG branches and one table compares
+them; a Hydra multirun sweep shares the upstream steps (they run once)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.e2e.test_pipeline import mlflow_client, statuses
+
+
+def pipeline(root, experiment, *overrides):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", f"+experiment={experiment}", f"paths.root={root}", "ray.num_cpus=2",
+         *overrides], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    found = re.search(r"summary JSON:\s+(\S+)", proc.stdout)
+    return proc, json.loads(Path(found.group(1)).read_text()) if found else None
+
+
+def test_branches_share_pretraining_and_are_compared_in_one_table(tmp_path):
+    proc, summary = pipeline(tmp_path, "tiny_compare")
+    assert statuses(summary) == {name: "ran" for name in (
+        "ingest", "tokenize", "pretrain", "taskdata", "finetune.lora", "evaluate.lora", "finetune.full", "evaluate.full")}
+    table = proc.stdout.split("fine-tuning branches against the baselines")[1]
+    for row in ("majority", "untuned", "lora", "full"):
+        assert f"\n  {row} " in table
+    steps = {s["name"]: s for s in summary["steps"]}
+    lora_dir, full_dir = Path(steps["finetune.lora"]["out_dir"]), Path(steps["finetune.full"]["out_dir"])
+    assert lora_dir.parent == full_dir.parent == tmp_path / "finetune"
+    assert (lora_dir / "merged" / "model.safetensors").exists()
+    assert (full_dir / "model" / "model.safetensors").exists()
+    assert steps["finetune.full"]["metrics"]["trainable_parameters"] > steps["finetune.lora"]["metrics"]["trainable_parameters"]
+
+    client = mlflow_client(tmp_path)
+    parent = client.get_run(summary["run_id"])
+    assert {"lora.finetuned_accuracy", "full.finetuned_accuracy"} <= set(parent.data.metrics)
+
+    _, again = pipeline(tmp_path, "tiny_compare")
+    assert set(statuses(again).values()) == {"cached"}
+    plan = pipeline(tmp_path, "tiny", "dry_run=true")[0].stdout  # the single-method experiment shares them
+    for name in ("ingest", "tokenize", "pretrain", "taskdata"):
+        assert re.search(rf"\n  {name}\s+cached ", plan), plan
+
+
+def test_multirun_sweep_runs_upstream_steps_once(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", "-m", "+experiment=tiny", f"paths.root={tmp_path}", "ray.num_cpus=2",
+         "finetune.lora.r=2,4"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*.json"))]
+    assert len(summaries) == 2
+    ran = {}
+    for summary in summaries:
+        for name, status in statuses(summary).items():
+            ran[name] = ran.get(name, 0) + (status == "ran")
+    assert ran == {"ingest": 1, "tokenize": 1, "pretrain": 1, "taskdata": 1, "finetune": 2, "evaluate": 2}
+    runs = {s["run_id"] for s in summaries}
+    assert len(runs) == 2  # one MLflow parent run per sweep value
+    params = [mlflow_client(tmp_path).get_run(r).data.params["finetune.lora.r"] for r in runs]
+    assert sorted(params) == ["2", "4"]
