@@ -23,8 +23,9 @@ register_configs()
 
 def print_plan(planned: list[dag.PlannedStep]) -> None:
     print("plan:", flush=True)
+    width = max(9, *(len(item.step.name) for item in planned))
     for item in planned:
-        print(f"  {item.step.name:<9} {item.status:<6} {item.fingerprint}  {item.reason}", flush=True)
+        print(f"  {item.step.name:<{width}} {item.status:<6} {item.fingerprint}  {item.reason}", flush=True)
 
 
 def format_metric(step: str, metrics: dict) -> str:
@@ -37,9 +38,10 @@ def format_metric(step: str, metrics: dict) -> str:
 
 def print_summary(results: list[executor.StepResult], run_id: str, uri: str, summary_path: Path) -> None:
     print("\nsummary:")
-    print(f"  {'step':<9} {'status':<7} {'seconds':>8}  key metric")
+    width = max(9, *(len(r.name) for r in results))
+    print(f"  {'step':<{width}} {'status':<7} {'seconds':>8}  key metric")
     for r in results:
-        print(f"  {r.name:<9} {r.status:<7} {r.seconds:>8.1f}  {format_metric(r.name, r.metrics)}")
+        print(f"  {r.name:<{width}} {r.status:<7} {r.seconds:>8.1f}  {format_metric(r.name, r.metrics)}")
     evaluation = next((r.metrics for r in results if r.name == "evaluate"), {})
     if evaluation:
         print_evaluation(evaluation)
