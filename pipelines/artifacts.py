@@ -14,7 +14,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tasks.common import write_json
+from tasks.common import file_digest, write_json
 
 MANIFEST = "_manifest.json"
 
@@ -33,14 +33,6 @@ def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
     """A training step's working directory: fixed per fingerprint, so a rerun after a crash finds
     the checkpoints the previous attempt left there and continues from them."""
     return root / step / f".partial-{fingerprint}"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_files(directory: Path) -> dict[str, dict]:
@@ -64,9 +56,17 @@ def code_version() -> str:
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content (without this digest): an edited manifest is detected."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def publish(staging: Path, final: Path, manifest: dict) -> dict:
     """Write the manifest last, then move the finished directory into place."""
     manifest = {**manifest, "files": list_files(staging)}
+    manifest = json.loads(json.dumps(manifest, default=str))  # the digest covers what is written
+    manifest["digest"] = manifest_digest(manifest)
     write_json(staging / MANIFEST, manifest)
     if final.exists():  # a directory left by an attempt that never wrote its manifest
         shutil.rmtree(final)
@@ -80,6 +80,21 @@ def read_manifest(directory: Path) -> dict | None:
         return json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def damage(directory: Path, manifest: dict) -> str | None:
+    """What is wrong with a published step directory, judged by its manifest; None if intact."""
+    if manifest.get("digest") != manifest_digest(manifest):
+        return f"{MANIFEST} was edited (its digest does not match)"
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} changed size ({path.stat().st_size} bytes, {expected['bytes']} recorded)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its recorded SHA-256"
+    return None
 
 
 def previous_manifests(root: Path, step: str) -> list[dict]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from conf.schema import Config, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig, TrainConfig
 from pipelines import artifacts
+from pipelines.redaction import redact
 from tasks import evaluate, finetune, ingest, pretrain, taskdata, tokenize
 
 
@@ -120,8 +121,12 @@ def plan(cfg: Config, root: Path, steps=None) -> list[PlannedStep]:
         upstream = {planned[dep].step.base: planned[dep].fingerprint for dep in step.deps}
         fp = fingerprint(step, view, upstream)
         out_dir = artifacts.step_dir(root, step.base, fp)
-        if artifacts.read_manifest(out_dir):
+        manifest = artifacts.read_manifest(out_dir)
+        problem = artifacts.damage(out_dir, manifest) if manifest else None
+        if manifest and not problem:
             status, reason = "cached", "same config and inputs"
+        elif problem:
+            status, reason = "run", f"the cached result is damaged ({problem}); recomputing"
         else:
             status, reason = "run", why_run(root, step, view, upstream, out_dir)
         planned[step.name] = PlannedStep(step, section, view, fp, upstream, out_dir, status, reason)
@@ -137,6 +142,7 @@ def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -
     if not previous:
         return "no earlier run"
     # Explain against the closest earlier run (fewest differences; the newest among equals).
+    view = redact(view)  # manifests hold the redacted config, and reasons are printed
     last = min(previous, key=lambda m: len(diff(m.get("config", {}), view)) +
                sum(m.get("upstream", {}).get(d) != fp for d, fp in upstream.items()))
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in diff(last.get("config", {}), view)]

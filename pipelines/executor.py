@@ -16,6 +16,7 @@ from pathlib import Path
 from conf.schema import Config
 from pipelines import artifacts
 from pipelines.dag import PlannedStep
+from pipelines.redaction import redact
 from pipelines.tracking import Tracker
 from tasks.common import Progress, TaskContext, UserError, write_json
 
@@ -30,6 +31,9 @@ WORKER_ENV = {
     # (benchmarks/pretrain_throughput.py). A dead worker is still noticed within 10 s.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "10",
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "30",
+    # Ray Train's state actor polls the state API at address 'auto', which fails once a second
+    # Ray instance runs on the machine (two launches at once); it only feeds the Ray dashboard.
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
 TRAIN_METRICS = ".train_metrics.json"
 STOP_GRACE_SECONDS = 300  # after SIGTERM, the longest wait for a training step's checkpoint
@@ -268,7 +272,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         raise
     manifest = {
         "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
-        "config": item.view, "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
+        "config": redact(item.view), "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
         "code_version": artifacts.code_version(), "started_at": started_wall, "finished_at": time.time(),
         "seconds": time.monotonic() - started, "mlflow_run_id": run_id,
     }

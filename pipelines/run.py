@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
 from pipelines import artifacts, dag, executor, tracking
+from pipelines.redaction import redact, redact_text
 from pipelines.validate import validate
 from tasks.common import UserError, write_json
 
@@ -112,7 +113,7 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
             tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")
             raise
         summary = {
-            "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": uri, "root": str(root),
+            "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": redact_text(uri), "root": str(root),
             "steps": [dataclasses.asdict(r) for r in results],
         }
         summary_path = root / "runs" / f"{run_id}.json"
@@ -160,7 +161,8 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
 def main(dict_cfg: DictConfig) -> None:
     try:
         cfg: Config = OmegaConf.to_object(dict_cfg)
-        run_pipeline(cfg, OmegaConf.to_yaml(dict_cfg, resolve=True))
+        resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
+        run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)))
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
         sys.exit(130)
@@ -169,7 +171,7 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(143)
     except Exception as exc:  # every failure ends in one readable line; details are in the step logs above
         message, is_user_error = describe_failure(exc)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact_text(message)}", file=sys.stderr)
         sys.exit(2 if is_user_error else 1)
 
 

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.redaction import redact, redact_text
+
 METRIC_BATCH = 200  # MLflow's log_batch takes at most 1000 metrics; keep requests small
 PARAM_BATCH = 100
 
@@ -22,6 +24,7 @@ def resolve_uri(configured: str | None, root: Path) -> str:
 
 
 def ui_command(uri: str) -> str:
+    uri = redact_text(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
@@ -90,7 +93,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        entries = [Param(k[:250], v[:6000]) for k, v in sorted(flatten(params).items())]
+        entries = [Param(k[:250], v[:6000]) for k, v in sorted(flatten(redact(params)).items())]
         for start in range(0, len(entries), PARAM_BATCH):
             self.client.log_batch(run_id, params=entries[start : start + PARAM_BATCH])
 

@@ -48,6 +48,8 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
+          f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
     check(cfg.data.docs_per_shard > 0, "data.docs_per_shard: must be positive")
     tok, model = cfg.tokenizer, cfg.model

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tasks.common import UserError, write_json
+from tasks.common import UserError, file_digest, write_json
 
 COMPLETE = "_complete.json"
 LATEST = "latest"
@@ -45,14 +44,6 @@ def broadcast_int(value: int, rank: int) -> int:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return int(tensor.item())
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tag_name(step: int) -> str:

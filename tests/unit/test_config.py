@@ -51,6 +51,9 @@ def test_wrong_type_is_rejected():
     ("pretrain.precision=fp8", "pretrain.precision"),
     ("task.prompt_template=no-placeholder", "task.prompt_template"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
+    ("experiment_name=../../etc", "experiment_name"),
+    ("pretrain.on_nonfinite=ignore", "pretrain.on_nonfinite"),
+    ("+task.fields.answer=category", "task.fields"),
 ])
 def test_inconsistent_config_names_the_key(override, key):
     cfg = compose_config(["+experiment=tiny", override])
@@ -72,4 +75,20 @@ def test_finetune_file_with_missing_field_is_reported_by_line(tmp_path):
     data.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
     cfg = compose_config(["+experiment=tiny", "task=jsonl", f"task.train_path={data}"])
     with pytest.raises(UserError, match=rf"{data}:2: missing field 'label'"):
+        validate(cfg)
+
+
+def test_branch_names_cannot_leave_the_artifact_root():
+    import dataclasses
+
+    cfg = compose_config(["+experiment=tiny_compare"])
+    validate(cfg)
+    bad = dataclasses.replace(cfg, finetunes={"../escape": cfg.finetunes["lora"]})
+    with pytest.raises(UserError, match=r"^finetunes\.\.\./escape: a branch name is"):
+        validate(bad)
+
+
+def test_optimizer_offload_needs_zero():
+    cfg = compose_config(["+experiment=tiny", "pretrain.offload_optimizer=true", "pretrain.zero_stage=0"])
+    with pytest.raises(UserError, match="^pretrain.offload_optimizer: needs pretrain.zero_stage 1, 2 or 3"):
         validate(cfg)

@@ -69,3 +69,28 @@ def test_publish_records_every_file_with_its_hash(tmp_path):
     assert not staging.exists()
     assert manifest["files"]["sub/data.bin"]["bytes"] == 5
     assert artifacts.read_manifest(tmp_path / "step" / "abc")["files"] == manifest["files"]
+
+
+def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path):
+    import json
+
+    ingest = dag.plan(tiny_cfg, tmp_path)[0]
+    staging = artifacts.staging_dir(tmp_path, "ingest", ingest.fingerprint)
+    (staging / "part-0.parquet").write_bytes(b"0123456789")
+    artifacts.publish(staging, ingest.out_dir, {"config": ingest.view, "metrics": {"docs_kept": 3}})
+    assert dag.plan(tiny_cfg, tmp_path)[0].status == "cached"
+
+    (ingest.out_dir / "part-0.parquet").write_bytes(b"0123456788")  # same size, different bytes
+    replanned = dag.plan(tiny_cfg, tmp_path)[0]
+    assert replanned.status == "run"
+    assert replanned.reason == ("the cached result is damaged (part-0.parquet does not match its recorded "
+                                "SHA-256); recomputing")
+    (ingest.out_dir / "part-0.parquet").write_bytes(b"01234")
+    assert "part-0.parquet changed size (5 bytes, 10 recorded)" in dag.plan(tiny_cfg, tmp_path)[0].reason
+
+    (ingest.out_dir / "part-0.parquet").write_bytes(b"0123456789")  # files intact, manifest edited
+    manifest_path = ingest.out_dir / artifacts.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["metrics"]["docs_kept"] = 1000
+    manifest_path.write_text(json.dumps(manifest))
+    assert "_manifest.json was edited" in dag.plan(tiny_cfg, tmp_path)[0].reason

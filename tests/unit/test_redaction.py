@@ -1,0 +1,32 @@
+"""Secrets in config values stay out of MLflow params, manifests, plan reasons and messages."""
+from __future__ import annotations
+
+from pipelines import tracking
+from pipelines.redaction import MASK, redact, redact_text
+
+
+def test_secret_keys_and_url_passwords_are_masked():
+    config = {"tracking": {"uri": "https://alice:s3cr3t@mlflow.example.org/"},
+              "storage": {"api_token": "abc", "aws_secret_access_key": "xyz", "password": "pw", "key": "k",
+                          "text_field": "body", "num_kv_heads": 4, "keep_checkpoints": 2},
+              "data": {"paths": ["s3://AKIA123:hidden@bucket/corpus/*.jsonl", "/plain/path.txt"]}}
+    masked = redact(config)
+    assert masked["tracking"]["uri"] == f"https://alice:{MASK}@mlflow.example.org/"
+    assert {k: masked["storage"][k] for k in ("api_token", "aws_secret_access_key", "password", "key")} == \
+        dict.fromkeys(("api_token", "aws_secret_access_key", "password", "key"), MASK)
+    assert masked["storage"]["text_field"] == "body" and masked["storage"]["num_kv_heads"] == 4
+    assert masked["storage"]["keep_checkpoints"] == 2
+    assert masked["data"]["paths"] == [f"s3://AKIA123:{MASK}@bucket/corpus/*.jsonl", "/plain/path.txt"]
+    assert config["storage"]["password"] == "pw"  # the original is untouched
+    assert "s3cr3t" not in redact_text("cannot reach https://alice:s3cr3t@mlflow.example.org/api")
+
+
+def test_mlflow_params_never_hold_the_secret(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = tracking.Tracker(uri, "redaction", tmp_path)
+    run_id = tracker.start("run", {"tracking": {"uri": "http://bob:hunter2@host:5000"},
+                                   "task": {"fields": {"hf_token": "tok-123", "text": "body"}}}, {})
+    params = tracker.client.get_run(run_id).data.params
+    assert params["tracking.uri"] == f"http://bob:{MASK}@host:5000"
+    assert params["task.fields.hf_token"] == MASK and params["task.fields.text"] == "body"
+    assert "hunter2" not in tracking.ui_command("http://bob:hunter2@host:5000")
