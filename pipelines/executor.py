@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf.schema import Config
-from pipelines import artifacts
+from pipelines import artifacts, locks
 from pipelines.dag import PlannedStep
 from pipelines.redaction import redact
 from pipelines.tracking import Tracker
@@ -231,12 +231,19 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         inputs = {dep: root / dep / fp for dep, fp in item.upstream.items()}
         run_id = tracker.start_step(name, item.fingerprint, item.status, item.reason, item.view)
         started = time.monotonic()
+        say = lambda message: print(f"[{index}/{len(planned)}] {name}: {message}", flush=True)
+        ran = False
         if item.status == "cached":
             manifest = artifacts.read_manifest(item.out_dir)
-            print(f"[{index}/{len(planned)}] {name}: cached ({item.fingerprint})", flush=True)
+            say(f"cached ({item.fingerprint})")
         else:
-            print(f"[{index}/{len(planned)}] {name}: running, {item.reason}", flush=True)
-            manifest = run_step(item, inputs, root, resources, tracker, run_id)
+            with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
+                manifest = artifacts.read_manifest(item.out_dir)
+                if manifest and not artifacts.damage(item.out_dir, manifest):
+                    say(f"cached ({item.fingerprint}), finished by another launch meanwhile")
+                else:
+                    say(f"running, {item.reason}")
+                    manifest, ran = run_step(item, inputs, root, resources, tracker, run_id), True
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
@@ -245,8 +252,7 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         tracker.log_loss_curve(run_id, item.out_dir / "train_log.jsonl", f"{name} loss")
         tracker.log_table(run_id, item.out_dir / "samples.jsonl", "samples.json")
         tracker.end(run_id)
-        results.append(StepResult(name, "ran" if item.status == "run" else "cached",
-                                  seconds if item.status == "run" else manifest.get("seconds", 0.0),
+        results.append(StepResult(name, "ran" if ran else "cached", seconds if ran else manifest.get("seconds", 0.0),
                                   item.fingerprint, str(item.out_dir), metrics, run_id))
     return results
 
