@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from conf.schema import Config, FinetuneConfig, TrainConfig
+from conf.schema import Config, FinetuneConfig, LoraConfig, TrainConfig
 from tasks import finetune, taskdata
 from tasks.common import UserError
 from tasks.tokenize import SPECIAL_TOKENS
@@ -47,7 +47,40 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
           f"{key}.offload_optimizer: needs {key}.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO partitions)")
 
 
+# The smallest allowed value of every numeric setting, by field name (the same name means the
+# same thing in every section). Checked first, so later checks never divide by zero.
+LOWER_BOUNDS = {
+    "hidden_size": 1, "intermediate_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1,
+    "max_position_embeddings": 2, "rope_theta": 1, "vocab_size": 1, "min_frequency": 1, "train_sample_bytes": 1,
+    "seq_len": 2, "max_bytes": 0, "min_chars": 0, "docs_per_shard": 1, "docs_per_task": 1, "zero_stage": 0,
+    "micro_batch_size": 1, "global_batch_size": 1, "max_steps": 1, "lr": 1e-12, "min_lr_ratio": 0,
+    "warmup_steps": 0, "weight_decay": 0, "grad_clip": 0, "eval_every": 1, "eval_batches": 1, "seed": 0,
+    "max_skipped_steps": 1, "log_every": 1, "checkpoint_every": 0, "max_failures": 0, "keep_checkpoints": 1,
+    "num_workers": 1, "cpus_per_worker": 1, "peak_tflops": 0, "r": 1, "alpha": 1, "dropout": 0,
+    "num_virtual_tokens": 1, "max_length": 2, "max_per_label": 1, "min_lines": 1, "max_chars": 1,
+    "test_fraction": 0, "val_fraction": 0, "max_examples": 1, "ppl_batches": 1, "num_samples": 0,
+    "sample_prompt_tokens": 1, "max_new_tokens": 1, "num_threads": 1, "num_cpus": 1,
+}
+
+
+def check_bounds(tree, prefix: str = "") -> None:
+    """Every numeric field of the config tree against LOWER_BOUNDS."""
+    import dataclasses
+
+    items = tree.items() if isinstance(tree, dict) else (
+        (f.name, getattr(tree, f.name)) for f in dataclasses.fields(tree)) if dataclasses.is_dataclass(tree) else ()
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            check_bounds(value, key + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name in LOWER_BOUNDS:
+            check(value >= LOWER_BOUNDS[name], f"{key}: must be at least {LOWER_BOUNDS[name]:g}, got {value}")
+    if isinstance(tree, LoraConfig):
+        check(tree.dropout < 1, f"{prefix}dropout: must be below 1, got {tree.dropout}")
+
+
 def validate(cfg: Config) -> None:
+    check_bounds(cfg)
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
