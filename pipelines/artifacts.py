@@ -14,7 +14,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tasks.common import file_digest, write_json
+from tasks.common import files_problem, record_files, write_json
 
 MANIFEST = "_manifest.json"
 
@@ -33,14 +33,6 @@ def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
     """A training step's working directory: fixed per fingerprint, so a rerun after a crash finds
     the checkpoints the previous attempt left there and continues from them."""
     return root / step / f".partial-{fingerprint}"
-
-
-def list_files(directory: Path) -> dict[str, dict]:
-    return {
-        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
 
 
 def code_version() -> str:
@@ -64,7 +56,7 @@ def manifest_digest(manifest: dict) -> str:
 
 def publish(staging: Path, final: Path, manifest: dict) -> dict:
     """Write the manifest last, then move the finished directory into place."""
-    manifest = {**manifest, "files": list_files(staging)}
+    manifest = {**manifest, "files": record_files(staging, skip=MANIFEST)}
     manifest = json.loads(json.dumps(manifest, default=str))  # the digest covers what is written
     manifest["digest"] = manifest_digest(manifest)
     write_json(staging / MANIFEST, manifest)
@@ -86,15 +78,7 @@ def damage(directory: Path, manifest: dict) -> str | None:
     """What is wrong with a published step directory, judged by its manifest; None if intact."""
     if manifest.get("digest") != manifest_digest(manifest):
         return f"{MANIFEST} was edited (its digest does not match)"
-    for name, expected in manifest.get("files", {}).items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} changed size ({path.stat().st_size} bytes, {expected['bytes']} recorded)"
-        if file_digest(path) != expected["sha256"]:
-            return f"{name} does not match its recorded SHA-256"
-    return None
+    return files_problem(directory, manifest.get("files", {}))
 
 
 def previous_manifests(root: Path, step: str) -> list[dict]:

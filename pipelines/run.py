@@ -53,11 +53,14 @@ def print_summary(results: list[executor.StepResult], run_id: str, uri: str, sum
     print(f"summary JSON:      {summary_path}", flush=True)
 
 
+BASELINES = ("majority", "zero_shot", "untuned")
+
+
 def print_evaluation(metrics: dict) -> None:
     """Each model beside its baselines: perplexity on held-out pretraining text, then the task metrics."""
     ppl = {name: metrics.get(f"ppl_{name}") for name in ("unigram", "pretrained", "finetuned")}
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if v is not None))
-    models = [m for m in ("majority", "zero_shot", "untuned", "finetuned") if any(k.startswith(m + "_") for k in metrics)]
+    models = [m for m in (*BASELINES, "finetuned") if any(k.startswith(m + "_") for k in metrics)]
     names = sorted({k.split("_", 1)[1] for k in metrics for m in models if k.startswith(m + "_")})
     print(f"  {'task':<10} " + " ".join(f"{n:>10}" for n in names))
     for model in models:
@@ -70,7 +73,7 @@ def comparison_rows(results: list[executor.StepResult]) -> tuple[list[str], list
     branches = [r.name.split(".", 1)[1] for r in results if r.name.startswith("evaluate.")]
     first = by_name[f"evaluate.{branches[0]}"]
     metrics = sorted({k.split("_", 1)[1] for k in first if k.startswith("finetuned_")})
-    rows = [{"model": name, **{m: first.get(f"{name}_{m}") for m in metrics}} for name in ("majority", "zero_shot", "untuned")
+    rows = [{"model": name, **{m: first.get(f"{name}_{m}") for m in metrics}} for name in BASELINES
             if any(f"{name}_{m}" in first for m in metrics)]
     for branch in branches:
         tuned, scores = by_name.get(f"finetune.{branch}", {}), by_name[f"evaluate.{branch}"]

@@ -24,25 +24,18 @@ def check(condition: bool, message: str) -> None:
 def validate_train(key: str, cfg: TrainConfig) -> None:
     check(cfg.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage: must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     check(cfg.precision in PRECISIONS, f"{key}.precision: must be one of {PRECISIONS}, got '{cfg.precision}'")
-    for name in ("micro_batch_size", "global_batch_size", "max_steps", "num_workers", "cpus_per_worker",
-                 "eval_every", "log_every", "eval_batches"):
-        check(getattr(cfg, name) > 0, f"{key}.{name}: must be positive, got {getattr(cfg, name)}")
     per_pass = cfg.micro_batch_size * cfg.num_workers
     check(cfg.global_batch_size % per_pass == 0,
           f"{key}.global_batch_size: {cfg.global_batch_size} is not a multiple of micro_batch_size x num_workers "
           f"({cfg.micro_batch_size} x {cfg.num_workers})")
-    check(cfg.lr > 0, f"{key}.lr: must be positive, got {cfg.lr}")
     check(cfg.checkpoint_every >= 0 and cfg.checkpoint_every % cfg.log_every == 0,
           f"{key}.checkpoint_every: must be 0 or a multiple of {key}.log_every ({cfg.log_every}), got {cfg.checkpoint_every}")
-    check(cfg.max_failures >= 0, f"{key}.max_failures: must not be negative")
     check(cfg.max_failures == 0 or cfg.checkpoint_every > 0,
           f"{key}.max_failures: restarts need checkpoints; set {key}.checkpoint_every")
-    check(cfg.keep_checkpoints >= 1, f"{key}.keep_checkpoints: must be at least 1")
     check(0 <= cfg.warmup_steps <= cfg.max_steps, f"{key}.warmup_steps: must be within 0..max_steps ({cfg.max_steps})")
     check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio: must be within 0..1")
     check(cfg.on_nonfinite in ON_NONFINITE,
           f"{key}.on_nonfinite: must be one of {ON_NONFINITE}, got '{cfg.on_nonfinite}'")
-    check(cfg.max_skipped_steps >= 1, f"{key}.max_skipped_steps: must be at least 1")
     check(not cfg.offload_optimizer or cfg.zero_stage >= 1,
           f"{key}.offload_optimizer: needs {key}.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO partitions)")
 
@@ -84,7 +77,6 @@ def validate(cfg: Config) -> None:
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
-    check(cfg.data.docs_per_shard > 0, "data.docs_per_shard: must be positive")
     tok, model = cfg.tokenizer, cfg.model
     check(tok.vocab_size >= 256 + len(SPECIAL_TOKENS),
           f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(SPECIAL_TOKENS)})")

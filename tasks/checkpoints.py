@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tasks.common import UserError, file_digest, write_json
+from tasks.common import UserError, files_problem, record_files, write_json
+from tasks.training import all_reduce_sum
 
 COMPLETE = "_complete.json"
 LATEST = "latest"
@@ -34,16 +35,6 @@ class UnsafeCheckpointError(UserError):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_int(value: int, rank: int) -> int:
-    """Rank 0's value on every rank."""
-    from tasks.training import collective_device
-
-    tensor = torch.tensor([value if rank == 0 else 0], dtype=torch.int64, device=collective_device())
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return int(tensor.item())
 
 
 def tag_name(step: int) -> str:
@@ -59,10 +50,8 @@ def save(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, world: i
     barrier()
     if rank == 0:
         tag_dir = checkpoint_dir / tag
-        files = {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_digest(p)}
-                 for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
-        write_json(tag_dir / COMPLETE, {"step": step, "world_size": world,
-                                        "zero_stage": engine.zero_optimization_stage(), "files": files})
+        write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                                        "files": record_files(tag_dir, skip=COMPLETE)})
         pointer = checkpoint_dir / f".{LATEST}.tmp"
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / LATEST)
@@ -79,15 +68,7 @@ def problem(tag_dir: Path) -> str | None:
         record = json.loads((tag_dir / COMPLETE).read_text())
     except (OSError, ValueError):
         return "no completion record (the save was cut short)"
-    for name, expected in record["files"].items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} is truncated ({path.stat().st_size} of {expected['size']} bytes)"
-        if file_digest(path) != expected["sha256"]:
-            return f"{name} does not match its recorded SHA-256"
-    return None
+    return files_problem(tag_dir, record["files"])
 
 
 def newest_valid(checkpoint_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -107,7 +88,7 @@ def record_of(checkpoint_dir: Path, rank: int, warn: Callable[[str], None]) -> d
     import json
 
     chosen = newest_valid(checkpoint_dir, warn) if rank == 0 and checkpoint_dir.is_dir() else None
-    step = broadcast_int(chosen[1]["step"] + 1 if chosen else 0, rank) - 1
+    step = int(all_reduce_sum([chosen[1]["step"] + 1 if chosen and rank == 0 else 0])[0]) - 1  # rank 0's choice
     if step < 0:
         return None
     return json.loads((checkpoint_dir / tag_name(step) / COMPLETE).read_text())

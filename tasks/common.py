@@ -5,6 +5,7 @@ Tasks never import Ray or MLflow; the executor hands them a `TaskContext` whose
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,6 +87,28 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def record_files(directory: Path, skip: str) -> dict[str, dict]:
+    """Every file below directory (but `skip`) with its size and SHA-256."""
+    return {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != skip}
+
+
+def files_problem(directory: Path, files: dict[str, dict]) -> str | None:
+    """The first recorded file (record_files) that is missing or changed, said in words; None if all match."""
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size < expected["bytes"]:
+            return f"{name} is truncated ({size} of {expected['bytes']} bytes)"
+        if size != expected["bytes"]:
+            return f"{name} changed size ({size} bytes, {expected['bytes']} recorded)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its recorded SHA-256"
+    return None
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -102,16 +125,17 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     return count
 
 
-def iter_jsonl(path) -> Iterable[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; UserError names the file and line."""
-    with open(path, "rb") as fh:
+def iter_jsonl(path, lines: Iterable[bytes] | None = None) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a local file (or of `lines`, read
+    from elsewhere); UserError names the file and line."""
+    with contextlib.nullcontext(lines) if lines is not None else open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
             try:
                 yield lineno, json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise UserError(f"{path}:{lineno}: not a valid JSON line") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON line") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -116,8 +116,8 @@ def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict,
         results["majority"] = classification_scores([r["label"] for r in test], [majority] * len(test), labels)
         # zero-shot: the untuned model, told the candidate labels in its prompt
         zero_shot = dataclasses.replace(task, prompt_template=task.zero_shot_template.replace("{labels}", ", ".join(labels)))
-        for name, (model, prompt) in {**{n: (m, task) for n, m in models.items()},
-                                      "zero_shot": (models["untuned"], zero_shot)}.items():
+        scored = [(name, model, task) for name, model in models.items()] + [("zero_shot", models["untuned"], zero_shot)]
+        for name, model, prompt in scored:
             predictions[name] = classify(model, tokenizer, test, labels, prompt, max_length, progress)
             results[name] = classification_scores([r["label"] for r in test], predictions[name], labels)
     else:

@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 from conf.schema import StdlibTaskConfig, TaskConfig
-from tasks.common import TaskContext, UserError, hash_fraction, read_jsonl, write_json, write_jsonl
+from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, read_jsonl, write_json, write_jsonl
 
 FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant")
@@ -29,7 +29,6 @@ def read_rows(path: str, key: str) -> list[tuple[str, object]]:
     """(location, row) pairs of a JSONL, CSV/TSV or Parquet file, local or behind a URI."""
     import csv
     import io
-    import json
 
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -52,14 +51,7 @@ def read_rows(path: str, key: str) -> list[tuple[str, object]]:
         return [(f"line {reader.line_num}", row) for row in reader]
     if suffix not in (".jsonl", ".json"):
         raise UserError(f"{key}: '{path}' is not .jsonl, .csv, .tsv or .parquet")
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({error.msg})") from None
-    return rows
+    return [(f"line {lineno}", row) for lineno, row in iter_jsonl(path, io.BytesIO(text.encode("utf-8")))]
 
 
 def check_messages(value, where: str) -> list[dict]:

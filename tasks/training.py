@@ -410,8 +410,9 @@ def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
 
 def remove_checkpoints(checkpoint_dir: Path, rank: int) -> None:
     """Once the step's result is written, the resumable state is no longer needed."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    from tasks import checkpoints
+
+    checkpoints.barrier()
     if rank == 0:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 

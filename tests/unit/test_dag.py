@@ -86,7 +86,9 @@ def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path):
     assert replanned.reason == ("the cached result is damaged (part-0.parquet does not match its recorded "
                                 "SHA-256); recomputing")
     (ingest.out_dir / "part-0.parquet").write_bytes(b"01234")
-    assert "part-0.parquet changed size (5 bytes, 10 recorded)" in dag.plan(tiny_cfg, tmp_path)[0].reason
+    assert "part-0.parquet is truncated (5 of 10 bytes)" in dag.plan(tiny_cfg, tmp_path)[0].reason
+    (ingest.out_dir / "part-0.parquet").write_bytes(b"0123456789abcde")
+    assert "part-0.parquet changed size (15 bytes, 10 recorded)" in dag.plan(tiny_cfg, tmp_path)[0].reason
 
     (ingest.out_dir / "part-0.parquet").write_bytes(b"0123456789")  # files intact, manifest edited
     manifest_path = ingest.out_dir / artifacts.MANIFEST
