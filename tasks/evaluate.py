@@ -1,5 +1,10 @@
 """evaluate: perplexity against a unigram baseline, the task metric of the fine-tuned model against
-the majority class and the untuned model, and sample generations. Writes report.json.
+the majority class and the untuned model, and sample generations. Writes report.json, and for
+classification the fine-tuned model's label log-likelihoods (label_scores.json, for ensembles).
+
+Options: the task metric on perturbed test inputs (eval.robustness, metrics robust_<name>_*), and
+a pruned/int8 copy of the model (eval.quantize, metrics int8_*), with size on disk and tokens/s
+of the served float model (served_mb, served_tokens_per_s) always reported.
 
 Classification is scored by label likelihood: each example's candidate labels form one batch
 (prompt + " label" + EOS, right-padded), so a score never depends on the evaluation batch size,
@@ -18,6 +23,8 @@ import numpy as np
 import torch
 
 from conf.schema import EvaluateStepConfig, TaskConfig
+from tasks import quantize
+from tasks.augment import perturb_records
 from tasks.common import Progress, TaskContext, write_json, write_jsonl
 from tasks.finetune import collate, load_base_model, load_tuned
 from tasks.taskdata import encode_example, load_labels, load_split, render, target_of
@@ -71,13 +78,18 @@ def classification_scores(gold: list[str], predicted: list[str], labels: list[st
 
 
 def classify(model, tokenizer, records: list[dict], labels: list[str], task: TaskConfig, max_length: int,
-             progress: Progress) -> list[str]:
-    predictions = []
+             progress: Progress) -> list[list[float]]:
+    """Each record's label log-likelihoods (predict() turns them into labels)."""
+    scores = []
     for record in records:
-        scores = label_log_likelihoods(model, tokenizer, record, labels, task, max_length)
-        predictions.append(labels[int(np.argmax(scores))])
+        scores.append(label_log_likelihoods(model, tokenizer, record, labels, task, max_length))
         progress.update()
-    return predictions
+    return scores
+
+
+def predict(scores: list[list[float]], labels: list[str]) -> list[str]:
+    """The most likely label of each example; ties go to the first label."""
+    return [labels[int(np.argmax(s))] for s in scores]
 
 
 @torch.no_grad()
@@ -103,31 +115,61 @@ def generation_scores(model, tokenizer, records: list[dict], task: TaskConfig, m
     return {"exact_match": sum(o == g for o, g in zip(outputs, gold)) / len(gold), "chrf": chrf}, outputs
 
 
+def scoring_runs(models: dict, test: list[dict], cfg: EvaluateStepConfig) -> list[tuple[str, object, TaskConfig, list]]:
+    """(name, model, task config, test records) of every scoring run: the models, then the fine-tuned
+    model on each perturbation of the test inputs (robustness)."""
+    robust = cfg.eval.robustness
+    runs = [(name, model, cfg.task, test) for name, model in models.items()]
+    return runs + [(f"robust_{name}", models["finetuned"], cfg.task,
+                    perturb_records(test, name, robust.rate, robust.seed, cfg.task.kind)) for name in robust.perturbations]
+
+
 def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict, max_length: int,
-                 ctx: TaskContext) -> tuple[dict, list[dict]]:
+                 ctx: TaskContext) -> tuple[dict, list[dict], dict]:
+    """Scores per model, examples, and each model's label log-likelihoods (classification)."""
     task = cfg.task
     test = load_split(inputs["taskdata"], "test")[: cfg.eval.max_examples]
-    runs = len(models) + (task.kind == "classification")  # + the zero-shot baseline
-    progress = Progress(ctx, len(test) * runs, "test examples")
-    results, predictions = {}, {}
+    runs = scoring_runs(models, test, cfg)
+    progress = Progress(ctx, len(test) * (len(runs) + (task.kind == "classification")), "test examples")
+    results, predictions, label_scores = {}, {}, {}
     if task.kind == "classification":
         labels = load_labels(inputs["taskdata"])
+        gold = [r["label"] for r in test]
         majority = collections.Counter(r["label"] for r in load_split(inputs["taskdata"], "train")).most_common(1)[0][0]
-        results["majority"] = classification_scores([r["label"] for r in test], [majority] * len(test), labels)
+        results["majority"] = classification_scores(gold, [majority] * len(test), labels)
         # zero-shot: the untuned model, told the candidate labels in its prompt
         zero_shot = dataclasses.replace(task, prompt_template=task.zero_shot_template.replace("{labels}", ", ".join(labels)))
-        scored = [(name, model, task) for name, model in models.items()] + [("zero_shot", models["untuned"], zero_shot)]
-        for name, model, prompt in scored:
-            predictions[name] = classify(model, tokenizer, test, labels, prompt, max_length, progress)
-            results[name] = classification_scores([r["label"] for r in test], predictions[name], labels)
+        for name, model, prompt, records in runs + [("zero_shot", models["untuned"], zero_shot, test)]:
+            label_scores[name] = classify(model, tokenizer, records, labels, prompt, max_length, progress)
+            predictions[name] = predict(label_scores[name], labels)
+            results[name] = classification_scores(gold, predictions[name], labels)
     else:
-        for name, model in models.items():
+        for name, model, _, records in runs:
             results[name], predictions[name] = generation_scores(
-                model, tokenizer, test, task, max_length, cfg.eval.max_new_tokens, progress)
+                model, tokenizer, records, task, max_length, cfg.eval.max_new_tokens, progress)
     examples = [{"input": render(r, task)[1][-300:], "gold": target_of(r, task.kind),
                  **{f"{n}_prediction": predictions[n][i] for n in predictions}}
                 for i, r in enumerate(test[: max(cfg.eval.num_samples, 5)])]
-    return {"num_examples": len(test), "scores": results}, examples
+    return {"num_examples": len(test), "scores": results}, examples, label_scores
+
+
+def serving_costs(cfg: EvaluateStepConfig, finetune_dir: Path, model_dir: Path, rows: np.ndarray,
+                  out_dir: Path) -> tuple[dict, dict]:
+    """Size and tokens/s of the served float model, and with eval.quantize its pruned/int8 copy
+    (saved under quantized/, reloaded from there); returns (metrics, {"int8": model} or {})."""
+    served = quantize.served_model(finetune_dir, model_dir)
+    metrics = {"served_mb": quantize.state_dict_bytes(served, out_dir / ".float.pt") / 1e6}
+    models = {"served": served}
+    if cfg.eval.quantize.enabled:
+        pruned = quantize.served_model(finetune_dir, model_dir)
+        if cfg.eval.quantize.sparsity:
+            quantize.prune_magnitude(pruned, cfg.eval.quantize.sparsity)
+        models["int8"] = quantize.save_and_reload(quantize.quantize(pruned), quantize.served_model(finetune_dir, model_dir),
+                                                  out_dir / "quantized")
+        metrics.update(int8_mb=(out_dir / "quantized" / quantize.INT8_FILE).stat().st_size / 1e6,
+                       int8_ppl=math.exp(token_nll(models["int8"], rows)))
+    metrics.update({f"{name}_tokens_per_s": value for name, value in quantize.tokens_per_second(models, rows).items()})
+    return metrics, {"int8": models["int8"]} if "int8" in models else {}
 
 
 def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
@@ -148,19 +190,26 @@ def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) 
     perplexity = {name: math.exp(value) for name, value in nll.items()}
     ctx.say("validation perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()))
 
-    task, examples = task_metrics({"untuned": base, "finetuned": tuned}, tokenizer, cfg, inputs, max_length, ctx)
+    costs, int8 = serving_costs(cfg, Path(inputs["finetune"]), model_dir, val_rows, out_dir)
+    task, examples, label_scores = task_metrics({"untuned": base, "finetuned": tuned, **int8}, tokenizer, cfg, inputs,
+                                                max_length, ctx)
+    if cfg.task.kind == "classification":  # what an ensemble step averages
+        write_json(out_dir / "label_scores.json", {"labels": load_labels(inputs["taskdata"]),
+                                                   "scores": label_scores["finetuned"]})
     samples = []
     for row in val_rows[: cfg.eval.num_samples]:
         prompt = [int(t) for t in row[: cfg.eval.sample_prompt_tokens]]
         samples.append({"prompt": tokenizer.decode(prompt),
                         "continuation": tokenizer.decode(generate(base, tokenizer, prompt, cfg.eval.max_new_tokens))})
-    report = {"perplexity": perplexity, "nll": nll, "task": task, "task_kind": cfg.task.kind,
+    report = {"perplexity": perplexity, "nll": nll, "task": task, "task_kind": cfg.task.kind, "serving": costs,
               "task_examples": examples, "samples": samples}
     write_json(out_dir / "report.json", report)
     write_jsonl(out_dir / "samples.jsonl", samples + examples)
     metrics = {f"ppl_{k}": v for k, v in perplexity.items()}
     for model_name, scores in task["scores"].items():
         metrics.update({f"{model_name}_{metric}": value for metric, value in scores.items()})
+    metrics.update(costs)
+    metrics.update({f"int8_{m}_delta": v - task["scores"]["finetuned"][m] for m, v in task["scores"].get("int8", {}).items()})
     ctx.say(f"task ({task['num_examples']} test examples): " + "; ".join(
         f"{m} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) for m, s in task["scores"].items()))
     return metrics

@@ -1,6 +1,10 @@
 """finetune: tuning of the pretrained model on the task data (PEFT LoRA, PEFT prefix tuning,
 or full fine-tuning for comparison), under DeepSpeed ZeRO, with the loss on the target tokens only.
 
+Optional techniques from the config: attention / hidden / LoRA dropout, label smoothing and FGM
+adversarial training (tasks/regularize.py), augmented training records (tasks/augment.py), and
+early stopping that exports the best validation's weights (tasks/earlystop.py).
+
 Runs in every data-parallel worker (launched by the executor through Ray Train). Rank 0 saves
 `adapter/` (PEFT methods; loads with `PeftModel.from_pretrained`), for LoRA also `merged/`
 (the adapter merged into the base weights, a plain Hugging Face model, checked against base +
@@ -15,11 +19,12 @@ from pathlib import Path
 import torch
 
 from conf.schema import FinetuneConfig, FinetuneStepConfig
-from tasks import training
+from tasks import regularize, training
+from tasks.augment import augment_records
 from tasks.common import TaskContext
-from tasks.taskdata import encode_example, load_split
-
-IGNORE_INDEX = -100
+from tasks.earlystop import BestKeeper
+from tasks.regularize import IGNORE_INDEX
+from tasks.taskdata import encode_example, load_labels, load_split
 
 
 def lora_config(cfg: FinetuneConfig):
@@ -45,17 +50,19 @@ def full_config(cfg: FinetuneConfig) -> None:
 FINETUNE_METHODS = {"lora": lora_config, "prefix": prefix_config, "full": full_config}
 
 
-def load_base_model(model_dir: Path):
+def load_base_model(model_dir: Path, **config_changes):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **config_changes)
 
 
 def prepare_model(model_dir: Path, cfg: FinetuneConfig):
     from peft import get_peft_model
 
     peft_config = FINETUNE_METHODS[cfg.method](cfg)
-    base = load_base_model(model_dir)
+    base = load_base_model(model_dir, attention_dropout=cfg.attention_dropout)
+    if cfg.hidden_dropout:
+        regularize.add_hidden_dropout(base, cfg.hidden_dropout)
     return base if peft_config is None else get_peft_model(base, peft_config)
 
 
@@ -104,6 +111,19 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
             "weight": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
+def best_keeper(cfg: FinetuneStepConfig, engine, tokenizer, val_records: list[dict], taskdata_dir: Path,
+                out_dir: Path, rank: int) -> BestKeeper | None:
+    """Early stopping's keeper of the best weights (None when it is off); `val_records`: this rank's share."""
+    stopping = cfg.finetune.early_stopping
+    if not stopping.patience:
+        return None
+    measure = None
+    if stopping.metric == "val_accuracy":
+        measure = regularize.accuracy_measure(engine, tokenizer, val_records, load_labels(taskdata_dir), cfg.task,
+                                              cfg.finetune.max_length)
+    return BestKeeper(stopping, out_dir / "checkpoints", rank, measure)
+
+
 def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     from transformers import AutoTokenizer
 
@@ -113,8 +133,9 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     model_dir = Path(inputs["pretrain"]) / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     encode = lambda records: [encode_example(tokenizer, r, cfg.task, train_cfg.max_length) for r in records]
-    train_examples = encode(load_split(inputs["taskdata"], "train"))
-    val_examples = encode(load_split(inputs["taskdata"], "val"))
+    train_records, val_records = load_split(inputs["taskdata"], "train"), load_split(inputs["taskdata"], "val")
+    augmented = augment_records(train_records, train_cfg.augment, cfg.task.kind)
+    train_examples, val_examples = encode(augmented), encode(val_records)
 
     model = prepare_model(model_dir, train_cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -124,30 +145,32 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
         ctx.say(f"{train_cfg.method}: {trainable:,} trainable parameters, {len(train_examples)} train examples, "
                 f"ZeRO-{train_cfg.zero_stage}, {world} worker(s)")
 
-    def forward(batch: dict) -> torch.Tensor:
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      labels=batch["labels"]).loss
+    forward = regularize.make_forward(engine, train_cfg, engine.module)
 
     def train_batch(step: int, micro: int) -> dict:
         rows = training.sample_rows(step, micro, rank, world, train_cfg, len(train_examples))
         return collate([train_examples[i] for i in rows], tokenizer.pad_token_id)
 
-    eval_batches = [collate([val_examples[i] for i in rows], tokenizer.pad_token_id)
-                    for rows in training.eval_row_slices(len(val_examples), train_cfg, rank, world)]
+    eval_rows = training.eval_row_slices(len(val_examples), train_cfg, rank, world)
+    eval_batches = [collate([val_examples[i] for i in rows], tokenizer.pad_token_id) for rows in eval_rows]
+    keeper = best_keeper(cfg, engine, tokenizer, [val_records[i] for rows in eval_rows for i in rows],
+                         inputs["taskdata"], out_dir, rank)
     mean_tokens = sum(len(ids) for ids, _ in train_examples) / len(train_examples)
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, int(train_cfg.global_batch_size * mean_tokens),
                             out_dir / "train_log.jsonl")
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
+    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints", keeper)
     if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
         return metrics
 
     saved_dir = out_dir / ("model" if train_cfg.method == "full" else "adapter")
     with training.full_parameters(engine) as module:
         if rank == 0:
+            if keeper is not None:  # export the weights of the best validation, not the last ones
+                keeper.load_best(module, metrics["best_step"])
             module.save_pretrained(str(saved_dir), safe_serialization=True)
             tokenizer.save_pretrained(str(saved_dir))
     if rank == 0 and train_cfg.method == "lora":
         probe = torch.tensor([val_examples[0][0]])
         metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe)
     training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "trainable_parameters": trainable}
+    return {**metrics, "trainable_parameters": trainable, "augmented_examples": len(augmented) - len(train_records)}
