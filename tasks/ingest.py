@@ -1,45 +1,39 @@
 """ingest: corpus files (and Python's own text) -> normalised, filtered, deduplicated Parquet shards.
 
-Every input document is accounted for: docs_in = docs_kept + sum of dropped_* counts,
-and files that could not be read are either a clear error (data.on_error=raise) or
-quarantined and listed in the manifest (data.on_error=skip).
+Parallel tasks read (tasks/sources.py), normalise and filter (tasks/quality.py) chunks of
+sources and compute MinHash signatures; then, over the whole corpus in source order (so the
+output does not depend on the number of workers), exact duplicates and, with
+data.near_dedup.enabled, near-duplicates (tasks/dedup.py) are dropped and the per-source
+weights applied (tasks/mixing.py). Every input document is accounted for: docs_in = docs_kept +
+sum of dropped_* counts, with a few dropped documents per reason in dropped_examples.jsonl and
+the bytes written per source in mixture.json. Files that could not be read are either a clear
+error (data.on_error=raise) or quarantined and listed in quarantine.json (data.on_error=skip).
 
     run(cfg: DataConfig, inputs={}, out_dir, ctx) -> metrics
 """
 from __future__ import annotations
 
-import glob
-import io
-import os
 import re
 import sysconfig
-import tokenize as py_tokenize
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.schema import DataConfig
-from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, stable_hash, write_json
+from tasks import dedup, mixing, quality
+from tasks.common import TaskContext, UserError, hash_fraction, stable_hash, write_json, write_jsonl
+from tasks.sources import Source, find_sources, read_source
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
-RECORD_SUFFIXES = {".jsonl", ".parquet"}
 SHARD_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 # The test suites hold deliberately malformed files (bad encodings, syntax errors): not corpus material.
 STDLIB_SKIPPED_DIRS = {"site-packages", "__pycache__", "test", "tests", "idle_test"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """One unit of input: a file, or one pydoc topic."""
-
-    kind: str  # "file" or "pydoc"
-    key: str
-    size: int
+REASONS = ("empty", "too_short", *quality.REASONS, "duplicate", "near_duplicate", "subsampled")
+EXAMPLE_CHARS = 2000  # text kept of each dropped example
 
 
 def _stdlib_files(exclude: list[str]) -> list[Source]:
@@ -51,7 +45,8 @@ def _stdlib_files(exclude: list[str]) -> list[Source]:
         top = rel.parts[0].removesuffix(".py")
         if top in skipped or STDLIB_SKIPPED_DIRS & set(rel.parts[:-1]):
             continue
-        sources.append(Source("file", str(path), path.stat().st_size))
+        stat = path.stat()
+        sources.append(Source("file", str(path), stat.st_size, stat.st_mtime_ns))
     return sources
 
 
@@ -64,33 +59,30 @@ def _pydoc_topics(exclude: list[str]) -> list[Source]:
 BUILTIN_CORPORA = {"python_stdlib": _stdlib_files, "pydoc_topics": _pydoc_topics}
 
 
-def list_sources(cfg: DataConfig) -> list[Source]:
-    """Expand globs and builtin corpora; raise UserError naming the key for anything missing."""
+def source_groups(cfg: DataConfig) -> list[mixing.Group]:
+    """Each data.paths entry and builtin corpus with its sources; UserError naming the key for anything missing."""
     if not cfg.paths and not cfg.builtin:
         raise UserError("data: neither data.paths nor data.builtin names a corpus")
-    sources: list[Source] = []
-    for i, pattern in enumerate(cfg.paths):
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise UserError(f"data.paths[{i}]: no file matches '{pattern}'")
-        for path in matches:
-            suffix = Path(path).suffix.lower()
-            if suffix not in TEXT_SUFFIXES | RECORD_SUFFIXES:
-                raise UserError(f"data.paths[{i}]: {path}: unsupported file type '{suffix}'")
-            sources.append(Source("file", path, os.path.getsize(path)))
+    groups = [mixing.Group(f"paths.{i}", cfg.weights[i] if cfg.weights else 1.0,
+                           find_sources(pattern, f"data.paths[{i}]")) for i, pattern in enumerate(cfg.paths)]
     for name in cfg.builtin:
         if name not in BUILTIN_CORPORA:
             raise UserError(f"data.builtin: unknown corpus '{name}' (known: {', '.join(BUILTIN_CORPORA)})")
-        sources.extend(BUILTIN_CORPORA[name](cfg.stdlib_exclude))
-    return sample_sources(sorted(set(sources), key=lambda s: (s.kind, s.key)), cfg.max_bytes, cfg.seed)
+        groups.append(mixing.Group(f"builtin.{name}", 1.0, BUILTIN_CORPORA[name](cfg.stdlib_exclude)))
+    return groups
+
+
+def list_sources(cfg: DataConfig) -> list[Source]:
+    """Every source of the corpus (a seeded sample of them up to data.max_bytes), in a stable order."""
+    sources = {source for group in source_groups(cfg) for source in group.sources}
+    return sample_sources(sorted(sources, key=lambda s: (s.kind, s.key)), cfg.max_bytes, cfg.seed)
 
 
 def sources_digest(cfg: DataConfig) -> str:
     """Identity of the input files (name, size, modification time): a changed corpus reruns ingest."""
     parts = []
     for source in list_sources(cfg):
-        mtime = os.stat(source.key).st_mtime_ns if source.kind == "file" else 0
-        parts.append(f"{source.kind}:{source.key}:{source.size}:{mtime}")
+        parts.append(f"{source.kind}:{source.key}:{source.size}:{source.mtime_ns}")
     return stable_hash("\n".join(parts))
 
 
@@ -118,64 +110,19 @@ def normalize(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
-def read_source(source: Source, text_field: str) -> list[tuple[str, str]]:
-    """(source id, raw text) for every document of one source; UserError names the file and problem."""
-    if source.kind == "pydoc":
-        from pydoc_data.topics import topics
-
-        return [(f"pydoc:{source.key}", topics[source.key])]
-    path = source.key
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path, text_field)
-        if suffix == ".parquet":
-            return _read_parquet(path, text_field)
-        with open(path, "rb") as fh:
-            data = fh.read()
-        return [(path, data.decode(source_encoding(path, data)))]
-    except (UnicodeDecodeError, SyntaxError) as exc:
-        where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
-        raise UserError(f"{path}: not valid {source_encoding(path, data, strict=False)}{where}") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def source_encoding(path: str, data: bytes, strict: bool = True) -> str:
-    """UTF-8, except for Python files that declare another encoding (PEP 263)."""
-    if not path.endswith(".py"):
-        return "utf-8"
-    try:
-        return py_tokenize.detect_encoding(io.BytesIO(data).readline)[0]
-    except SyntaxError:
-        if strict:
-            raise
-        return "Python source encoding"
-
-
-def _read_jsonl(path: str, text_field: str) -> list[tuple[str, str]]:
-    docs = []
-    for lineno, record in iter_jsonl(path):
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{lineno}: no string field '{text_field}' (data.text_field)")
-        docs.append((f"{path}:{lineno}", record[text_field]))
-    return docs
-
-
-def _read_parquet(path: str, text_field: str) -> list[tuple[str, str]]:
-    try:
-        schema = pq.read_schema(path)
-    except pa.ArrowException as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
-    if text_field not in schema.names:
-        raise UserError(f"{path}: no column '{text_field}' (data.text_field); columns: {schema.names}")
-    column = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
-    return [(f"{path}:{i}", text or "") for i, text in enumerate(column)]
+def drop_reason(text: str, cfg: DataConfig) -> str | None:
+    """Why a normalised document is dropped before dedup (empty, too short, a quality filter), or None."""
+    if not text:
+        return "empty"
+    if len(text) < cfg.min_chars:
+        return "too_short"
+    return quality.failed_filter(text, cfg.filters)
 
 
 def process_sources(sources: list[Source], cfg: DataConfig) -> dict:
-    """Read, normalise and filter a chunk of sources (runs as one parallel task)."""
-    docs, dropped, quarantined, docs_in = [], {"empty": 0, "too_short": 0}, [], 0
+    """Read, normalise and filter a chunk of sources, and sign the survivors for near-dedup (one parallel task)."""
+    docs, quarantined, docs_in = [], [], 0
+    dropped, examples = dict.fromkeys(REASONS, 0), {reason: [] for reason in REASONS}
     for source in sources:
         try:
             raw_docs = read_source(source, cfg.text_field)
@@ -187,13 +134,20 @@ def process_sources(sources: list[Source], cfg: DataConfig) -> dict:
         for source_id, raw in raw_docs:
             docs_in += 1
             text = normalize(raw)
-            if not text:
-                dropped["empty"] += 1
-            elif len(text) < cfg.min_chars:
-                dropped["too_short"] += 1
-            else:
-                docs.append((stable_hash(text), text, source_id))
-    return {"docs": docs, "dropped": dropped, "quarantined": quarantined, "docs_in": docs_in}
+            reason = drop_reason(text, cfg)
+            if reason is None:
+                docs.append(mixing.Doc(stable_hash(text), text, source_id, source.key))
+                continue
+            dropped[reason] += 1
+            if len(examples[reason]) < cfg.examples_per_reason:
+                examples[reason].append(example(reason, source_id, text or raw))
+    sigs = dedup.signatures([doc.text for doc in docs], cfg.near_dedup) if cfg.near_dedup.enabled else None
+    return {"docs": docs, "dropped": dropped, "examples": examples, "quarantined": quarantined,
+            "docs_in": docs_in, "signatures": sigs}
+
+
+def example(reason: str, source_id: str, text: str, **extra) -> dict:
+    return {"reason": reason, "source": source_id, "chars": len(text), "text": text[:EXAMPLE_CHARS], **extra}
 
 
 def _chunks(sources: list[Source], num_chunks: int) -> list[list[Source]]:
@@ -205,42 +159,78 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     sources = list_sources(cfg)
     ctx.say(f"{len(sources)} sources, {sum(s.size for s in sources) / 1e6:.1f} MB")
     results = ctx.parallel_map(lambda chunk: process_sources(chunk, cfg), _chunks(sources, ctx.num_cpus * 4))
-
-    seen: set[str] = set()
-    kept, dropped, quarantined, docs_in = [], {"empty": 0, "too_short": 0, "duplicate": 0}, [], 0
-    for result in results:  # in source order, so the output does not depend on the number of workers
-        docs_in += result["docs_in"]
-        quarantined += result["quarantined"]
-        for reason, count in result["dropped"].items():
-            dropped[reason] += count
-        for doc in result["docs"]:
-            if doc[0] in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(doc[0])
-            kept.append(doc)
+    merged = merge_results(results, cfg.examples_per_reason)  # in source order: independent of the chunking
+    kept, dropped, examples = merged["kept"], merged["dropped"], merged["examples"]
+    if cfg.near_dedup.enabled:
+        kept = remove_near_duplicates(kept, merged["signatures"], cfg, dropped, examples)
+    groups = source_groups(cfg)
+    kept, repeats = mixing.mix(kept, groups, cfg.seed)
+    dropped["subsampled"] = merged["num_unique"] - dropped["near_duplicate"] - len(kept)
+    docs_in, quarantined = merged["docs_in"], merged["quarantined"]
     if not kept:
         raise UserError(f"data: no usable documents in {len(sources)} sources ({docs_in} read, dropped {dropped})")
 
-    num_shards = write_shards(kept, out_dir, cfg.docs_per_shard)
+    num_shards = write_shards(kept + repeats, out_dir, cfg.docs_per_shard)
     write_json(out_dir / "quarantine.json", quarantined)
+    write_jsonl(out_dir / "dropped_examples.jsonl", [e for reason in REASONS for e in examples[reason]])
+    mixture = mixing.report(groups, kept + repeats)
+    write_json(out_dir / "mixture.json", mixture)
     metrics = {
         "sources": len(sources), "docs_in": docs_in, "docs_kept": len(kept), "shards": num_shards,
-        "bytes_kept": sum(len(d[1].encode("utf-8")) for d in kept), "files_quarantined": len(quarantined),
-        **{f"dropped_{reason}": count for reason, count in dropped.items()},
+        "docs_written": len(kept) + len(repeats), "bytes_written": sum(g["bytes_written"] for g in mixture),
+        "files_quarantined": len(quarantined), **{f"dropped_{reason}": count for reason, count in dropped.items()},
+        **{f"mix_share_{g['group']}": g["share"] for g in mixture},
     }
     assert docs_in == len(kept) + sum(dropped.values()), "document accounting does not add up"
-    ctx.say(f"kept {len(kept)} of {docs_in} documents; dropped {dropped}; quarantined files {len(quarantined)}")
+    ctx.say(f"kept {len(kept)} of {docs_in} documents; dropped {({k: v for k, v in dropped.items() if v})}; "
+            f"quarantined files {len(quarantined)}")
     return metrics
 
 
-def write_shards(docs: list[tuple[str, str, str]], out_dir: Path, docs_per_shard: int) -> int:
+def merge_results(results: list[dict], examples_per_reason: int) -> dict:
+    """Sum the chunks' counts and drop exact duplicates (same normalised text) across all of them."""
+    first_source: dict[str, str] = {}
+    kept, signatures, quarantined, docs_in = [], [], [], 0
+    dropped, examples = dict.fromkeys(REASONS, 0), {reason: [] for reason in REASONS}
+    for result in results:
+        docs_in += result["docs_in"]
+        quarantined += result["quarantined"]
+        for reason in REASONS:
+            dropped[reason] += result["dropped"][reason]
+            examples[reason] += result["examples"][reason][: examples_per_reason - len(examples[reason])]
+        for index, doc in enumerate(result["docs"]):
+            if doc.doc_id in first_source:
+                dropped["duplicate"] += 1
+                if len(examples["duplicate"]) < examples_per_reason:
+                    examples["duplicate"].append(
+                        example("duplicate", doc.source, doc.text, duplicate_of=first_source[doc.doc_id]))
+                continue
+            first_source[doc.doc_id] = doc.source
+            kept.append(doc)
+            if result["signatures"] is not None:
+                signatures.append(result["signatures"][index])
+    return {"kept": kept, "signatures": signatures, "dropped": dropped, "examples": examples,
+            "quarantined": quarantined, "docs_in": docs_in, "num_unique": len(kept)}
+
+
+def remove_near_duplicates(kept: list, signatures: list, cfg: DataConfig, dropped: dict, examples: dict) -> list:
+    """MinHash LSH over the whole corpus (tasks/dedup.py); the first document of each similar group stays."""
+    sigs = np.stack(signatures) if signatures else np.zeros((0, cfg.near_dedup.num_perm), dtype=np.uint32)
+    drop = dedup.near_duplicates(sigs, cfg.near_dedup)
+    dropped["near_duplicate"] += len(drop)
+    for index, kept_index in list(drop.items())[: cfg.examples_per_reason]:
+        examples["near_duplicate"].append(
+            example("near_duplicate", kept[index].source, kept[index].text, duplicate_of=kept[kept_index].source))
+    return [doc for index, doc in enumerate(kept) if index not in drop]
+
+
+def write_shards(docs: list[mixing.Doc], out_dir: Path, docs_per_shard: int) -> int:
     shards_dir = out_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     num_shards = 0
     for start in range(0, len(docs), docs_per_shard):
         part = docs[start : start + docs_per_shard]
-        table = pa.table([list(col) for col in zip(*part)], schema=SHARD_SCHEMA)
+        table = pa.table([[getattr(doc, name) for doc in part] for name in SHARD_SCHEMA.names], schema=SHARD_SCHEMA)
         pq.write_table(table, shards_dir / f"part-{num_shards:05d}.parquet")
         num_shards += 1
     return num_shards

@@ -22,6 +22,7 @@ from tasks.ingest import read_shards
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
 SPLIT_SEED = 0
+TASKS_PER_CPU = 4  # several tasks per CPU even out documents of very different sizes
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:
@@ -90,6 +91,40 @@ def load_split(tokenize_dir: Path, split: str) -> np.ndarray:
     return np.memmap(tokenize_dir / f"{split}.bin", dtype=meta["dtype"], mode="r").reshape(-1, meta["seq_len"])
 
 
+def batch_bounds(lengths: list[int], num_batches: int, max_docs: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive batches of about equal characters (documents differ in size by
+    orders of magnitude), about num_batches of them, none over max_docs documents."""
+    target = max(sum(lengths) / max(num_batches, 1), 1)
+    bounds, start, size = [], 0, 0
+    for index, length in enumerate(lengths):
+        size += length
+        if size >= target or index + 1 - start >= max_docs:
+            bounds.append((start, index + 1))
+            start, size = index + 1, 0
+    return bounds + ([(start, len(lengths))] if start < len(lengths) else [])
+
+
+def encode_and_pack(tokenizer: Tokenizer, texts: list[str], is_val: list[bool], cfg: TokenizerConfig,
+                    out_dir: Path, ctx: TaskContext) -> tuple[dict[str, np.ndarray], int]:
+    """Encode in parallel tasks, pack and write train.bin / val.bin: the packed splits, and the number of
+    tokens encoded (EOS included, before the incomplete last rows are cut)."""
+    tokenizer_json = tokenizer.to_str()
+    bounds = batch_bounds([len(t) for t in texts], TASKS_PER_CPU * max(ctx.num_cpus, 1), cfg.docs_per_task)
+    batches = [(texts[start:end], is_val[start:end]) for start, end in bounds]
+    ctx.say(f"encoding {len(texts)} documents in {len(batches)} parallel tasks")
+    encoded = ctx.parallel_map(lambda batch: encode_docs(tokenizer_json, *batch), batches)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    splits = {}
+    for index, split in enumerate(["train", "val"]):
+        rows = pack(np.concatenate([e[index] for e in encoded]), cfg.seq_len, dtype)
+        if len(rows) == 0:
+            raise UserError(f"tokenizer.seq_len: the {split} split has fewer than {cfg.seq_len} tokens "
+                            f"(raise data.max_bytes or tokenizer.val_fraction)")
+        rows.tofile(out_dir / f"{split}.bin")
+        splits[split] = rows
+    return splits, sum(len(e[0]) + len(e[1]) for e in encoded)
+
+
 def run(cfg: TokenizerConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     doc_ids, texts = [], []
     for shard in read_shards(inputs["ingest"]):
@@ -106,30 +141,14 @@ def run(cfg: TokenizerConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> 
     ctx.say(f"training BPE (vocab {cfg.vocab_size}) on {sample_bytes / 1e6:.1f} MB of {len(texts)} documents")
     tokenizer = train_tokenizer(sample, cfg)
     save_tokenizer(tokenizer, out_dir / "tokenizer", cfg.seq_len)
-    tokenizer_json = tokenizer.to_str()
-
-    # At least one task per CPU, at most docs_per_task documents each.
-    per_task = max(1, min(cfg.docs_per_task, -(-len(texts) // max(ctx.num_cpus, 1))))
-    batches = [(texts[i : i + per_task], is_val[i : i + per_task]) for i in range(0, len(texts), per_task)]
-    ctx.say(f"encoding {len(texts)} documents in {len(batches)} parallel tasks")
-    encoded = ctx.parallel_map(lambda batch: encode_docs(tokenizer_json, *batch), batches)
-
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    splits = {}
-    for index, split in enumerate(["train", "val"]):
-        rows = pack(np.concatenate([e[index] for e in encoded]), cfg.seq_len, dtype)
-        if len(rows) == 0:
-            raise UserError(f"tokenizer.seq_len: the {split} split has fewer than {cfg.seq_len} tokens "
-                            f"(raise data.max_bytes or tokenizer.val_fraction)")
-        rows.tofile(out_dir / f"{split}.bin")
-        splits[split] = rows
-    meta = {"dtype": np.dtype(dtype).name, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
+    splits, num_tokens = encode_and_pack(tokenizer, texts, is_val, cfg, out_dir, ctx)
+    meta = {"dtype": splits["train"].dtype.name, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
             "eos_id": tokenizer.token_to_id(EOS), "pad_id": tokenizer.token_to_id(PAD),
             "train_rows": len(splits["train"]), "val_rows": len(splits["val"])}
     write_json(out_dir / "meta.json", meta)
     metrics = {"vocab_size": meta["vocab_size"], "train_tokens": int(splits["train"].size),
                "val_tokens": int(splits["val"].size), "train_docs": is_val.count(False), "val_docs": is_val.count(True)}
-    metrics["chars_per_token"] = round(sum(map(len, texts)) / max(sum(len(e[0]) + len(e[1]) for e in encoded), 1), 3)
+    metrics["chars_per_token"] = round(sum(map(len, texts)) / max(num_tokens, 1), 3)
     ctx.say(f"{metrics['train_tokens']:,} train / {metrics['val_tokens']:,} val tokens in rows of {cfg.seq_len}, "
             f"{metrics['chars_per_token']} chars/token")
     return metrics

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conf.schema import DataConfig, TaskConfig, TokenizerConfig
+from conf.schema import DataConfig, NearDedupConfig, TaskConfig, TokenizerConfig
 from tasks import ingest, taskdata, tokenize
 from tasks.common import TaskContext, UserError
 
@@ -102,3 +102,59 @@ def test_taskdata_splits_user_records(tmp_path):
     texts = [{r["text"] for r in s} for s in splits.values()]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     assert taskdata.load_labels(out) == ["a", "b"]
+
+
+def test_filters_and_dedup_account_for_every_document(tmp_path, monkeypatch):
+    from tests.unit.test_quality import FAILING, prose
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    long_doc = prose(300, 1)
+    near_copy = long_doc.replace(long_doc.split()[150], "changed", 1)
+    files = [[long_doc, prose(200, 2)], [FAILING["digit_ratio"], FAILING["repeated_lines"]],
+             [prose(200, 2), prose(200, 3)], [FAILING["symbol_ratio"], ""], [near_copy, prose(200, 4)],
+             [FAILING["mean_word_length"], FAILING["repeated_ngrams"]]]
+    for i, texts in enumerate(files):
+        (corpus / f"part{i}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cfg = DataConfig(paths=[f"{corpus}/*.jsonl"], near_dedup=NearDedupConfig(enabled=True))
+    chunk_counts = []
+    ctx = TaskContext("ingest", parallel_map=lambda fn, items: chunk_counts.append(len(items)) or [fn(i) for i in items])
+    (tmp_path / "many").mkdir()
+    metrics = ingest.run(cfg, {}, tmp_path / "many", ctx)
+    monkeypatch.setattr(ingest, "_chunks", lambda sources, n: [sources])
+    run_ingest(cfg, tmp_path / "one")
+
+    dropped = {k.removeprefix("dropped_"): v for k, v in metrics.items() if k.startswith("dropped_") and v}
+    assert dropped == {"empty": 1, "duplicate": 1, "near_duplicate": 1, "digit_ratio": 1, "repeated_lines": 1,
+                       "symbol_ratio": 1, "mean_word_length": 1, "repeated_ngrams": 1}
+    assert metrics["docs_in"] == 12 == metrics["docs_kept"] + sum(dropped.values())
+    assert chunk_counts == [3] and shard_rows(tmp_path / "one") == shard_rows(tmp_path / "many")
+    examples = [json.loads(line) for line in (tmp_path / "many" / "dropped_examples.jsonl").read_text().splitlines()]
+    assert {e["reason"] for e in examples} == set(dropped)
+    near = next(e for e in examples if e["reason"] == "near_duplicate")
+    assert near["source"] == f"{corpus}/part4.jsonl:1" and near["duplicate_of"] == f"{corpus}/part0.jsonl:1"
+
+
+def test_source_weights_repeat_and_subsample(tmp_path):
+    from tests.unit.test_quality import prose
+
+    for name, seeds in (("a", range(0, 20)), ("b", range(100, 140))):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": prose(40, s)}) for s in seeds))
+    cfg = DataConfig(paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], weights=[2.0, 0.5])
+    metrics = run_ingest(cfg, tmp_path / "out")
+    mixture = {g["group"]: g for g in json.loads((tmp_path / "out" / "mixture.json").read_text())}
+    kept_b = mixture["paths.1"]["docs_written"]
+    assert mixture["paths.0"]["docs_written"] == 40 and 10 <= kept_b <= 30
+    assert metrics["dropped_subsampled"] == 40 - kept_b and metrics["docs_kept"] == 20 + kept_b
+    assert metrics["docs_in"] == metrics["docs_kept"] + sum(v for k, v in metrics.items() if k.startswith("dropped_"))
+    assert metrics["mix_share_paths.0"] + metrics["mix_share_paths.1"] == pytest.approx(1, abs=1e-5)
+    rows = shard_rows(tmp_path / "out")
+    assert len(rows) == metrics["docs_written"] == 40 + kept_b
+    assert [r["doc_id"] for r in rows[-20:]] == [r["doc_id"] for r in rows[:20]]  # repeats after all first copies
+
+
+def test_encode_batches_balance_characters_and_cover_every_document():
+    lengths = [1, 1, 100, 1, 1, 50, 50] + [10] * 20
+    bounds = tokenize.batch_bounds(lengths, num_batches=4, max_docs=5)
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(len(lengths)))
+    assert max(end - start for start, end in bounds) <= 5 and bounds[0] == (0, 3)
