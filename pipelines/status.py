@@ -1,0 +1,175 @@
+"""Where pipeline runs stand, read from the artifact root (run summaries, step manifests, step
+locks) and from MLflow (runs still going and failed ones, which have no summary yet).
+
+    python -m pipelines.status [--root DIR]               # recent runs
+    python -m pipelines.status [--root DIR] RUN_ID        # each step of one run
+
+A step is `cached` (an earlier result was used), `done`, `running` (its lock has a fresh
+heartbeat), `failed` or `stopped` (its MLflow run says so), or `interrupted` (its MLflow run never
+ended and no launch holds its lock: the launch died; rerun the same command to continue).
+The root is --root, else $LMFORGE_ROOT, else ./lmforge_runs; MLflow is --tracking-uri, else
+$MLFLOW_TRACKING_URI, else the SQLite store under the root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from pipelines import artifacts, locks, tracking
+
+STATES = {"FAILED": "failed", "KILLED": "stopped"}
+
+
+@dataclass
+class StepRow:
+    name: str
+    state: str
+    seconds: float | None
+    out_dir: Path
+    node_ids: list[str] = field(default_factory=list)
+
+
+def step_state(summary_status: str | None, mlflow_status: str | None, mlflow_tag: str | None,
+               published: bool, active: bool) -> str:
+    """One step's state from what the run summary, the step's MLflow run and the root say."""
+    if summary_status:
+        return "cached" if summary_status == "cached" else "done"
+    if mlflow_status in STATES:
+        return STATES[mlflow_status]
+    if mlflow_tag == "cached":
+        return "cached"
+    if mlflow_status == "RUNNING":
+        return "running" if active else ("done" if published else "interrupted")
+    return "done" if published else "unknown"
+
+
+def lock_is_fresh(root: Path, step: str, fingerprint: str) -> bool:
+    try:
+        age = time.time() - locks.lock_path(root, step, fingerprint).stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age < locks.STALE_S
+
+
+def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None, child: dict | None) -> StepRow:
+    base = name.split(".")[0]
+    out_dir = artifacts.step_dir(root, base, fingerprint)
+    manifest = artifacts.read_manifest(out_dir) or {}
+    state = step_state((summary_step or {}).get("status"), (child or {}).get("status"),
+                       (child or {}).get("tags", {}).get("lmforge.status"), bool(manifest),
+                       lock_is_fresh(root, base, fingerprint))
+    if summary_step:
+        seconds = summary_step["seconds"]
+    elif state in ("done", "cached") and manifest:
+        seconds = manifest.get("seconds")
+    elif child and child.get("start"):
+        seconds = ((child.get("end") or time.time() * 1000) - child["start"]) / 1000
+    else:
+        seconds = None
+    return StepRow(name, state, seconds, out_dir, manifest.get("placement", {}).get("node_ids", []))
+
+
+def run_steps(root: Path, summary: dict | None, children: list[dict]) -> list[StepRow]:
+    """Each step of one run: the summary's steps (a finished run), else the steps MLflow has seen."""
+    by_name = {c["tags"].get("lmforge.step", c["name"]): c for c in children}
+    if summary:
+        return [step_row(root, s["name"], s["fingerprint"], s, by_name.get(s["name"])) for s in summary["steps"]]
+    ordered = sorted(children, key=lambda c: c.get("start") or 0)
+    return [step_row(root, name, c["tags"].get("lmforge.fingerprint", ""), None, c)
+            for c in ordered if (name := c["tags"].get("lmforge.step"))]
+
+
+def load_summaries(root: Path) -> dict[str, dict]:
+    found = {}
+    for path in (root / "runs").glob("*.json"):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found[summary.get("run_id", path.stem)] = {**summary, "written_at": path.stat().st_mtime}
+    return found
+
+
+def tracking_uri(root: Path, configured: str | None) -> str | None:
+    """The MLflow store to read, or None when there is none to read (never creates one)."""
+    uri = tracking.resolve_uri(configured, root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    reason = tracking.unreachable(uri)
+    if reason:
+        print(f"note: MLflow at {uri} is not reachable ({reason}); showing what the artifact root has", file=sys.stderr)
+        return None
+    return uri
+
+
+def when(ms_or_s: float | None) -> str:
+    if not ms_or_s:
+        return "-"
+    seconds = ms_or_s / 1000 if ms_or_s > 1e11 else ms_or_s
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def list_runs(summaries: dict[str, dict], parents: list[dict], limit: int) -> list[dict]:
+    """Recent runs, newest first: MLflow's parent runs, and summaries MLflow does not have."""
+    rows = {}
+    for run_id, s in summaries.items():
+        counts = [f"{sum(step['status'] == k for step in s['steps'])} {k}" for k in ("ran", "cached")]
+        rows[run_id] = {"run_id": run_id, "experiment": s.get("experiment", ""), "state": "finished",
+                        "time": s["written_at"], "steps": ", ".join(counts)}
+    for p in parents:
+        row = rows.setdefault(p["run_id"], {"run_id": p["run_id"], "experiment": p["name"], "steps": "-"})
+        row.update(state=p["status"].lower(), time=p["start"] / 1000)
+    return sorted(rows.values(), key=lambda r: r["time"], reverse=True)[:limit]
+
+
+def print_runs(rows: list[dict]) -> None:
+    print(f"{'run id':<32}  {'experiment':<16} {'state':<9} {'time':<19}  steps")
+    for r in rows:
+        print(f"{r['run_id']:<32}  {r['experiment']:<16} {r['state']:<9} {when(r['time']):<19}  {r['steps']}")
+
+
+def print_steps(rows: list[StepRow]) -> None:
+    width = max(9, *(len(r.name) for r in rows)) if rows else 9
+    print(f"  {'step':<{width}} {'state':<11} {'seconds':>8}  {'node':<8}  output")
+    for r in rows:
+        seconds = "-" if r.seconds is None else f"{r.seconds:.1f}"
+        nodes = ",".join(n[:8] for n in r.node_ids) or "-"
+        print(f"  {r.name:<{width}} {r.state:<11} {seconds:>8}  {nodes:<8}  {r.out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_id", nargs="?", help="a pipeline run (its MLflow parent run id); omitted: list runs")
+    parser.add_argument("--root", default=os.environ.get("LMFORGE_ROOT", "lmforge_runs"), help="paths.root of the runs")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for pipelines.run)")
+    parser.add_argument("--experiment", default="lmforge", help="MLflow experiment (tracking.experiment)")
+    parser.add_argument("--limit", type=int, default=20, help="runs listed")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    uri = tracking_uri(root, args.tracking_uri)
+    summaries = load_summaries(root)
+    if args.run_id is None:
+        parents = tracking.find_runs(uri, args.experiment, limit=args.limit) if uri else []
+        print_runs(list_runs(summaries, parents, args.limit))
+        return 0
+    summary = summaries.get(args.run_id)
+    parent = tracking.find_run(uri, args.run_id) if uri else None
+    if summary is None and parent is None:
+        print(f"error: no run {args.run_id} under {root}" + ("" if uri else " (and no MLflow store to ask)"),
+              file=sys.stderr)
+        return 2
+    children = tracking.find_runs(uri, args.experiment, parent_id=args.run_id) if parent else []
+    experiment = (summary or {}).get("experiment") or parent["name"]
+    print(f"run {args.run_id} ({experiment}): {parent['status'].lower() if parent else 'finished'}, root {root}")
+    print_steps(run_steps(root, summary, children))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
