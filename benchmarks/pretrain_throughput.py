@@ -82,7 +82,7 @@ def pipeline_stage(cfg: Config, root: Path, tokenize_dir: Path) -> float:
     out_dir.mkdir()
     executor.start_ray(cfg)
     try:
-        metrics = executor.run_training_step(item, {"tokenize": tokenize_dir}, out_dir, lambda *a, **k: None, root)
+        metrics, _ = executor.run_training_step(item, {"tokenize": tokenize_dir}, out_dir, lambda *a, **k: None, root)
     finally:
         executor.stop_ray()
     history = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]

@@ -38,18 +38,77 @@ class TrackingConfig:
     """MLflow tracking URI. None: $MLFLOW_TRACKING_URI, else sqlite:///<paths.root>/mlflow.db."""
     experiment: str = "lmforge"
     """MLflow experiment name."""
+    on_unreachable: str = "fail"
+    """An HTTP tracking server that does not answer at start: 'fail' stops with its URI before any
+    work; 'journal' runs anyway and keeps the tracking calls in <root>/runs/journal-*/ for
+    `python -m pipelines.tracking replay`. A server lost mid-run is always journaled."""
+    register_model: bool = True
+    """Register each fine-tuned result (merged/full weights and adapter) in the MLflow Model Registry."""
+    registered_model: str = ""
+    """Registered model name ('' : lmforge-<experiment_name>, plus -<branch> for each branch)."""
+    model_alias: str = "candidate"
+    """Alias set on the newest registered version (e.g. 'candidate', 'champion')."""
+
+
+@dataclass
+class QualityFilterConfig:
+    """Heuristic quality filters (tasks/quality.py), applied in this order after normalisation; a
+    document is counted under the first one it fails. A ratio limit of 1 never drops anything."""
+
+    max_doc_chars: int = 1_000_000
+    """Longer documents are dropped ('too_long')."""
+    min_mean_word_length: float = 2.0
+    """Mean length of whitespace-separated words below this drops a document ('mean_word_length')."""
+    max_mean_word_length: float = 20.0
+    """Mean word length above this (base64 blobs, minified data) drops a document ('mean_word_length')."""
+    max_symbol_ratio: float = 0.5
+    """Share of characters that are neither letters, digits nor whitespace ('symbol_ratio')."""
+    max_digit_ratio: float = 0.3
+    """Share of characters that are digits ('digit_ratio')."""
+    max_repeated_line_fraction: float = 0.6
+    """Share of non-blank lines that repeat an earlier line of the document ('repeated_lines')."""
+    max_repeated_ngram_fraction: float = 0.5
+    """Share of word n-grams (repeated_ngram_size words) that repeat an earlier one ('repeated_ngrams')."""
+    repeated_ngram_size: int = 5
+    """Words per n-gram of the repeated n-gram filter."""
+
+
+@dataclass
+class NearDedupConfig:
+    """Near-duplicate removal with MinHash LSH (tasks/dedup.py), over the whole corpus: of each group
+    of similar documents the first in source order is kept; the others count as 'near_duplicate'."""
+
+    enabled: bool = False
+    """Run near-duplicate removal (after exact dedup)."""
+    shingle_size: int = 5
+    """Words per shingle (the sets whose Jaccard similarity is estimated)."""
+    num_perm: int = 128
+    """MinHash permutations per document; must equal bands x band_rows."""
+    bands: int = 16
+    """LSH bands: two documents become candidates when all rows of one band agree."""
+    band_rows: int = 8
+    """Signature rows per band (more rows: fewer, more similar candidates)."""
+    jaccard_threshold: float = 0.8
+    """Candidates whose estimated Jaccard similarity reaches this are near-duplicates."""
+    seed: int = 0
+    """Seed of the hash functions."""
 
 
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)
-    """Globs of corpus files: .txt/.md/.py (one document per file), .jsonl and .parquet (one per record)."""
+    """Corpus files: local globs or pyarrow.fs URIs (file://, s3://, gs://: a file or a directory) of
+    .txt/.md/.py/.rst (one document per file), .jsonl, .csv/.tsv, .parquet (one per record), also
+    .gz/.zst/.bz2/.lz4-compressed (not Parquet), and directories of Hugging Face `save_to_disk` datasets."""
+    weights: list[float] = field(default_factory=list)
+    """Mixing weight of each data.paths entry, in the same order (empty: all 1; builtin corpora 1): each
+    kept document is written floor(w) times, plus once more for a seeded share frac(w) of them."""
     builtin: list[str] = field(default_factory=list)
     """Corpora that ship with Python: 'python_stdlib' (standard-library sources), 'pydoc_topics'."""
     stdlib_exclude: list[str] = field(default_factory=list)
     """Standard-library packages left out of 'python_stdlib' (e.g. those a fine-tuning task is built from)."""
     text_field: str = "text"
-    """Field (JSONL) or column (Parquet) holding the document text."""
+    """Field (JSONL) or column (CSV/TSV, Parquet, Arrow) holding the document text."""
     max_bytes: int = 0
     """Deterministic sample of whole source files up to about this many bytes; 0 keeps everything."""
     min_chars: int = 16
@@ -60,6 +119,10 @@ class DataConfig:
     """Seed of the sample."""
     docs_per_shard: int = 2000
     """Documents per output Parquet shard."""
+    filters: QualityFilterConfig = field(default_factory=QualityFilterConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    examples_per_reason: int = 3
+    """Dropped documents kept per drop reason in dropped_examples.jsonl (for inspection)."""
 
 
 @dataclass
@@ -182,6 +245,37 @@ class PrefixConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0
+    """Stop after this many validations in a row without improvement, and export the best weights
+    (those of the best validation); 0: off (the last weights are exported)."""
+    metric: str = "val_loss"
+    """What is watched: 'val_loss' (lower is better) or, for classification, 'val_accuracy' (label
+    likelihood on the validation batches, higher is better)."""
+    min_delta: float = 0.0
+    """An improvement must beat the best value by more than this."""
+
+
+@dataclass
+class AugmentConfig:
+    copies: int = 0
+    """Augmented copies of each training record added to the training data; 0: off. The count is
+    recorded as augmented_examples. Only the input field (text or prompt) changes, never the target."""
+    p_delete: float = 0.1
+    """Chance that each word of a copy is deleted."""
+    p_swap: float = 0.1
+    """Swaps of two random words, per word of the copy."""
+    p_insert: float = 0.1
+    """Insertions of a word (a synonym of a random word of the record, else one of its words), per word."""
+    p_synonym: float = 0.1
+    """Chance that each word with a lexicon entry is replaced by one of its synonyms."""
+    lexicon_path: Optional[str] = None
+    """JSON file {word: [synonyms]}. None: built from the training records (words that share contexts)."""
+    seed: int = 0
+    """Seed of the augmentation (each record's copies depend only on it and the record)."""
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     method: str = "lora"
     """'lora', 'prefix' (PEFT adapters) or 'full' (every weight; for comparison)."""
@@ -189,6 +283,17 @@ class FinetuneConfig(TrainConfig):
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     max_length: int = 256
     """Prompt plus target tokens; longer prompts are cut (their tail template is kept)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities while fine-tuning (the model's attention_dropout)."""
+    hidden_dropout: float = 0.0
+    """Dropout on each decoder layer's output (the residual stream) while fine-tuning."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the target-token cross-entropy (for classification: the label tokens)."""
+    adversarial_epsilon: float = 0.0
+    """FGM adversarial training: each batch is also trained on its input embeddings moved by this
+    L2 norm along the loss gradient (the loss is the mean of the clean and perturbed ones); 0: off."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -236,6 +341,29 @@ class TaskConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    perturbations: list[str] = field(default_factory=list)
+    """Task metric of the fine-tuned model on perturbed test inputs, one run each, beside the clean
+    metric: 'typos' (a neighbouring-key letter), 'casing' (a word's case flipped), 'deleted_words'.
+    Empty: off."""
+    rate: float = 0.1
+    """Share of words perturbed."""
+    seed: int = 0
+    """Seed of the perturbations."""
+
+
+@dataclass
+class QuantizeConfig:
+    enabled: bool = False
+    """Also score a post-training int8 copy of the fine-tuned model (dynamic quantisation of the
+    linear layers, CPU), saved as quantized/model_int8.pt; reports size on disk, tokens/s and the
+    metric delta against the float model."""
+    sparsity: float = 0.0
+    """Magnitude pruning before quantisation: this share of each linear layer's weights (the
+    smallest) set to zero; 0: none."""
+
+
+@dataclass
 class EvalConfig:
     max_examples: int = 200
     """Test examples scored per model (the first N of the test split)."""
@@ -247,6 +375,11 @@ class EvalConfig:
     """Prompt length of the sample generations."""
     max_new_tokens: int = 32
     """Generated tokens per sample (greedy)."""
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    ensemble: list[str] = field(default_factory=list)
+    """Branches of `finetunes` whose label probabilities are averaged in an `ensemble` step (classification),
+    reported beside each member; at least two, empty: none."""
     num_threads: int = placement(2, "Torch threads of the evaluation task.")
 
 
@@ -292,6 +425,15 @@ class EvaluateStepConfig:
     task: TaskConfig
     max_length: int
     """finetune.max_length: prompts are cut the same way as in training."""
+
+
+@dataclass
+class EnsembleStepConfig:
+    eval: EvalConfig
+    task: TaskConfig
+    member_dirs: dict[str, str] = placement(
+        None, "Output directory of each member's evaluate step (branch name -> path); set by the planner, "
+              "their fingerprints are in the step's own.")
 
 
 def register_configs() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -17,6 +18,9 @@ from pathlib import Path
 from tasks.common import files_problem, record_files, write_json
 
 MANIFEST = "_manifest.json"
+TRAIN_METRICS = ".train_metrics.json"
+"""Written by a training step's rank 0 when training (and export) finished, before publication."""
+CODE_VERSION_ENV = "LMFORGE_CODE_VERSION"
 
 
 def step_dir(root: Path, step: str, fingerprint: str) -> Path:
@@ -24,6 +28,10 @@ def step_dir(root: Path, step: str, fingerprint: str) -> Path:
 
 
 def staging_dir(root: Path, step: str, fingerprint: str) -> Path:
+    """A fresh staging directory. Called under the step's lock, so staging directories of the same
+    fingerprint are leftovers of a killed attempt: they are removed."""
+    for leftover in (root / step).glob(f".staging-{fingerprint}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     path = root / step / f".staging-{fingerprint}-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)
     return path
@@ -35,8 +43,21 @@ def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
     return root / step / f".partial-{fingerprint}"
 
 
+def finished_training(partial: Path) -> dict | None:
+    """What a training attempt reported when it finished, if its driver died before publishing
+    the result (None when it did not finish, or stopped on request to be continued)."""
+    try:
+        reported = json.loads((partial / TRAIN_METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    return None if "stopped_at_step" in reported.get("metrics", {}) else reported
+
+
 def code_version() -> str:
-    """The git commit of the project (with '+dirty' for uncommitted changes), or 'unknown'."""
+    """The git commit of the project (with '+dirty' for uncommitted changes), or 'unknown'.
+    $LMFORGE_CODE_VERSION wins: a submitted job runs a copy without .git (pipelines/submit.py sets it)."""
+    if os.environ.get(CODE_VERSION_ENV):
+        return os.environ[CODE_VERSION_ENV]
     here = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from conf.schema import Config, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig, TrainConfig
+from conf.schema import (Config, EnsembleStepConfig, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig,
+                         TrainConfig)
 from pipelines import artifacts
 from pipelines.redaction import redact
-from tasks import evaluate, finetune, ingest, pretrain, taskdata, tokenize
+from tasks import ensemble, evaluate, finetune, ingest, pretrain, taskdata, tokenize
 
 
 def identity(section: Any) -> Any:
@@ -40,6 +41,13 @@ def finetune_identity(section: FinetuneStepConfig) -> dict:
     return view
 
 
+def evaluate_identity(section: EvaluateStepConfig) -> dict:
+    """Which branches an ensemble step combines does not change any one branch's evaluation."""
+    view = identity(section)
+    view["eval"].pop("ensemble", None)
+    return view
+
+
 def ingest_identity(section) -> dict:
     return {**identity(section), "sources_digest": ingest.sources_digest(section)}
 
@@ -58,6 +66,9 @@ class Step:
     kind: str = ""
     """The step function's name where `name` carries a branch: fingerprints, output directories
     and the input names a step sees use it, so a branch shares its cache with a single run."""
+    members: tuple[str, ...] = ()
+    """Steps of one kind read as a group (an ensemble's evaluate branches): planned before this one,
+    their fingerprints join its identity and their directories its section's `member_dirs`."""
 
     @property
     def base(self) -> str:
@@ -74,7 +85,7 @@ STEPS = (
          ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
     Step("evaluate", 1, evaluate.run,
          lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
-         ("tokenize", "pretrain", "taskdata", "finetune")),
+         ("tokenize", "pretrain", "taskdata", "finetune"), identity=evaluate_identity),
 )
 
 
@@ -83,8 +94,14 @@ def branch_steps(name: str, ft) -> tuple[Step, Step]:
     tune = Step(f"finetune.{name}", 1, finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
                 ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity, kind="finetune")
     judge = Step(f"evaluate.{name}", 1, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
-                 ("tokenize", "pretrain", "taskdata", tune.name), kind="evaluate")
+                 ("tokenize", "pretrain", "taskdata", tune.name), identity=evaluate_identity, kind="evaluate")
     return tune, judge
+
+
+def ensemble_step(branches: list[str]) -> Step:
+    """Averages the label probabilities of the evaluated branches (eval.ensemble)."""
+    return Step("ensemble", 1, ensemble.run, lambda c: EnsembleStepConfig(c.eval, c.task), ("taskdata",),
+                members=tuple(f"evaluate.{name}" for name in branches))
 
 
 def steps_for(cfg: Config) -> tuple[Step, ...]:
@@ -92,7 +109,8 @@ def steps_for(cfg: Config) -> tuple[Step, ...]:
     if not cfg.finetunes:
         return STEPS
     shared = tuple(step for step in STEPS if step.name not in ("finetune", "evaluate"))
-    return shared + tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
+    branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
+    return shared + branches + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
 
 
 def fingerprint(step: Step, view: Any, upstream: dict[str, str]) -> str:
@@ -118,6 +136,10 @@ def plan(cfg: Config, root: Path, steps=None) -> list[PlannedStep]:
     for step in steps or steps_for(cfg):
         section = step.section(cfg)
         view = step.identity(section)
+        if step.members:
+            section = dataclasses.replace(section, member_dirs={
+                m.split(".", 1)[-1]: str(planned[m].out_dir) for m in step.members})
+            view["members"] = {m: planned[m].fingerprint for m in step.members}
         upstream = {planned[dep].step.base: planned[dep].fingerprint for dep in step.deps}
         fp = fingerprint(step, view, upstream)
         out_dir = artifacts.step_dir(root, step.base, fp)
@@ -136,6 +158,8 @@ def plan(cfg: Config, root: Path, steps=None) -> list[PlannedStep]:
 def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -> str:
     if out_dir.exists():
         return "an earlier attempt did not finish"
+    if artifacts.finished_training(artifacts.partial_dir(root, step.base, out_dir.name)):
+        return "an earlier attempt finished training but was not published; publishing it"
     if (artifacts.partial_dir(root, step.base, out_dir.name) / "checkpoints" / "latest").exists():
         return "an earlier attempt stopped; continuing from its last checkpoint"
     previous = artifacts.previous_manifests(root, step.base)

@@ -4,6 +4,7 @@ are skipped. The only module that knows Ray.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pipelines.dag import PlannedStep
 from pipelines.redaction import redact
 from pipelines.tracking import Tracker
 from tasks.common import Progress, TaskContext, UserError, write_json
+from tasks.training import OWNER_FILE, STOP_FILE
 
 # Passed to every Ray worker: fewer framework messages between the progress lines.
 WORKER_ENV = {
@@ -35,8 +37,30 @@ WORKER_ENV = {
     # Ray instance runs on the machine (two launches at once); it only feeds the Ray dashboard.
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
-TRAIN_METRICS = ".train_metrics.json"
 STOP_GRACE_SECONDS = 300  # after SIGTERM, the longest wait for a training step's checkpoint
+
+
+LOW_SPACE_BYTES = 1 << 20  # a step that fails with less free space than this is taken to have filled the disk
+
+
+class DiskFull(Exception):
+    """A step failed because its filesystem is full; nothing partial was published."""
+
+
+def out_of_space(error: BaseException, directory: Path) -> bool:
+    """Whether a step's failure comes from a full disk: ENOSPC anywhere in its message (Ray and
+    torch re-wrap OSErrors), or (torch reports only 'file write failed') almost no space left."""
+    if "No space left on device" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory if directory.exists() else directory.parent).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 class Preempted(Exception):
@@ -67,8 +91,6 @@ class StopRequest:
     def handle(self, *_):
         import sys
         import threading
-
-        from tasks.training import STOP_FILE
 
         if self.requested or self.training_dir is None:
             if self.requested:
@@ -145,21 +167,26 @@ def _apply(fn, item):
     return fn(item)
 
 
-def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int) -> dict:
+def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int) -> tuple[dict, str]:
+    import ray
+
     ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=num_cpus)
     ctx.parallel_map = lambda fn, items: ray_map(fn, items, ctx)
-    return step.fn(section, inputs, Path(out_dir), ctx)
+    return step.fn(section, inputs, Path(out_dir), ctx), ray.get_runtime_context().get_node_id()
 
 
-def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict) -> dict:
+def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict) -> tuple[dict, list]:
+    """The step's metrics, and the Ray node it ran on."""
     import ray
 
     task = ray.remote(num_cpus=1)(_run_task)
     num_cpus = max(int(resources.get("CPU", 1)), 1)
-    return ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus))
+    metrics, node_id = ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus))
+    return metrics, [node_id]
 
 
-def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path) -> dict:
+def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path) -> tuple[dict, list]:
+    """The step's metrics, and the Ray node of rank 0."""
     import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -167,6 +194,7 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
 
     train = item.step.train(item.section)
     step, section = item.step, item.section
+    token = uuid.uuid4().hex
 
     def loop_per_worker(_config):
         if not train.use_gpu:  # DeepSpeed would otherwise probe for accelerators and warn about it
@@ -174,8 +202,11 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
         rank = ray.train.get_context().get_world_rank()
         ctx = TaskContext(step.name, log_metrics=log_metrics if rank == 0 else _ignore, num_cpus=train.cpus_per_worker)
         metrics = step.fn(section, inputs, out_dir, ctx)
-        if rank == 0:  # Ray Train keeps reported metrics only with checkpoints: hand them over as a file
-            write_json(out_dir / TRAIN_METRICS, metrics)
+        # Ray Train keeps reported metrics only with checkpoints: hand them over as a file, unless
+        # another launch has taken the step over since (this attempt's driver was killed).
+        if rank == 0 and (out_dir / OWNER_FILE).read_text() == token:
+            node_id = ray.get_runtime_context().get_node_id()
+            write_json(out_dir / artifacts.TRAIN_METRICS, {"metrics": metrics, "node_id": node_id})
 
     trainer = TorchTrainer(
         loop_per_worker,
@@ -187,22 +218,27 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    from tasks.training import STOP_FILE
-
-    (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
-    STOP.training_dir = out_dir
-    try:
-        trainer.fit()
-    finally:
-        STOP.training_dir = None
-    (out_dir / STOP_FILE).unlink(missing_ok=True)
-    metrics_path = out_dir / TRAIN_METRICS
-    metrics = json.loads(metrics_path.read_text())
+    metrics_path = out_dir / artifacts.TRAIN_METRICS
+    reported = artifacts.finished_training(out_dir)  # its driver was killed after training, before publishing
+    if reported is None:
+        (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
+        # Workers of an attempt whose driver was killed may still run for a few seconds: the
+        # owner file tells them they were replaced (tasks/training.py), so they stop writing.
+        (out_dir / OWNER_FILE).write_text(token)
+        STOP.training_dir = out_dir
+        try:
+            trainer.fit()
+        finally:
+            STOP.training_dir = None
+        (out_dir / STOP_FILE).unlink(missing_ok=True)
+        reported = json.loads(metrics_path.read_text())
+    (out_dir / OWNER_FILE).unlink(missing_ok=True)
+    metrics = reported["metrics"]
     metrics_path.unlink()
     if "stopped_at_step" in metrics:
         raise Preempted(f"stopped by SIGTERM: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
                         f"rerun the same command to continue from there")
-    return metrics
+    return metrics, [reported["node_id"]]
 
 
 def _ignore(*_args, **_kwargs) -> None:
@@ -248,9 +284,10 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
         tracker.log_artifacts(run_id, [item.out_dir / artifacts.MANIFEST, item.out_dir / "report.json",
-                                       item.out_dir / "quarantine.json"])
+                                       item.out_dir / "quarantine.json", item.out_dir / "mixture.json"])
         tracker.log_loss_curve(run_id, item.out_dir / "train_log.jsonl", f"{name} loss")
-        tracker.log_table(run_id, item.out_dir / "samples.jsonl", "samples.json")
+        tracker.log_jsonl_table(run_id, item.out_dir / "samples.jsonl", "samples.json")
+        tracker.log_jsonl_table(run_id, item.out_dir / "dropped_examples.jsonl", "dropped_examples.json")
         tracker.end(run_id)
         results.append(StepResult(name, "ran" if ran else "cached", seconds if ran else manifest.get("seconds", 0.0),
                                   item.fingerprint, str(item.out_dir), metrics, run_id))
@@ -268,18 +305,25 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
     started, started_wall = time.monotonic(), time.time()
     try:
         if training:
-            metrics = run_training_step(item, inputs, staging, log_metrics, root)
+            metrics, node_ids = run_training_step(item, inputs, staging, log_metrics, root)
         else:
-            metrics = run_data_step(item, inputs, staging, log_metrics, resources)
+            metrics, node_ids = run_data_step(item, inputs, staging, log_metrics, resources)
     except BaseException as error:
+        full = out_of_space(error, staging)
         if not training:  # a training step keeps its checkpoints for the next attempt
             shutil.rmtree(staging, ignore_errors=True)
-        tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
+        with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
+            tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
+        if full:
+            raise DiskFull(f"{item.step.name}: no space left on the device of {staging.parent.parent} "
+                           f"({type(error).__name__}: {first_line(error)}); free some space and rerun: finished "
+                           f"steps are kept, and nothing of {item.step.name} was taken as a result") from error
         raise
     manifest = {
         "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
         "config": redact(item.view), "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
         "code_version": artifacts.code_version(), "started_at": started_wall, "finished_at": time.time(),
         "seconds": time.monotonic() - started, "mlflow_run_id": run_id,
+        "placement": {"node_ids": node_ids},  # where it ran (Ray node ids); not part of the result
     }
     return artifacts.publish(staging, item.out_dir, manifest)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
-from pipelines import artifacts, dag, executor, tracking
+from pipelines import artifacts, dag, executor, figures, tracking
 from pipelines.redaction import redact, redact_text
 from pipelines.validate import validate
 from tasks.common import UserError, write_json
@@ -61,7 +62,7 @@ def print_evaluation(metrics: dict) -> None:
     ppl = {name: metrics.get(f"ppl_{name}") for name in ("unigram", "pretrained", "finetuned")}
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if v is not None))
     models = [m for m in (*BASELINES, "finetuned") if any(k.startswith(m + "_") for k in metrics)]
-    names = sorted({k.split("_", 1)[1] for k in metrics for m in models if k.startswith(m + "_")})
+    names = sorted({k[len(m) + 1:] for k in metrics for m in models if k.startswith(m + "_")})
     print(f"  {'task':<10} " + " ".join(f"{n:>10}" for n in names))
     for model in models:
         print(f"  {model:<10} " + " ".join(f"{metrics.get(f'{model}_{n}', float('nan')):>10.3f}" for n in names))
@@ -80,6 +81,8 @@ def comparison_rows(results: list[executor.StepResult]) -> tuple[list[str], list
         rows.append({"model": branch, "trainable": tuned.get("trainable_parameters"),
                      "train_s": tuned.get("train_seconds"), "val_loss": tuned.get("final_val_loss"),
                      "ppl": scores.get("ppl_finetuned"), **{m: scores.get(f"finetuned_{m}") for m in metrics}})
+    if "ensemble" in by_name:  # eval.ensemble: the branches' mean label probabilities
+        rows.append({"model": "ensemble", **{m: by_name["ensemble"].get(f"ensemble_{m}") for m in metrics}})
     return ["trainable", "train_s", "val_loss", "ppl", *metrics], rows
 
 
@@ -92,17 +95,78 @@ def print_comparison(results: list[executor.StepResult]) -> None:
         print(f"  {row['model']:<10} " + " ".join(show(row.get(c)) for c in columns))
 
 
+def evaluation_rows(results: list[executor.StepResult]) -> list[dict]:
+    """The evaluation table of a run: one row per model (baselines, then each fine-tuned one)."""
+    if any(r.name.startswith("evaluate.") for r in results):
+        return comparison_rows(results)[1]
+    metrics = next((r.metrics for r in results if r.name == "evaluate"), {})
+    models = [m for m in (*BASELINES, "finetuned") if any(k.startswith(m + "_") for k in metrics)]
+    return [{"model": m, **{k[len(m) + 1:]: v for k, v in metrics.items() if k.startswith(m + "_")}}
+            for m in models]
+
+
+def register_models(cfg: Config, tracker: tracking.Tracker, results: list[executor.StepResult]) -> dict:
+    """Each fine-tuned result as a version of a registered model (one per branch), with the alias."""
+    base = cfg.tracking.registered_model or f"lmforge-{cfg.experiment_name}"
+    scores = {r.name.split(".", 1)[-1] if "." in r.name else "": r.metrics for r in results
+              if r.name.split(".")[0] == "evaluate"}
+    versions = {}
+    for r in results:
+        if r.name.split(".")[0] != "finetune":
+            continue
+        branch = r.name.split(".", 1)[1] if "." in r.name else ""
+        dirs = {sub: Path(r.out_dir) / sub for sub in ("merged", "model", "adapter") if (Path(r.out_dir) / sub).is_dir()}
+        metric = {k: f"{v:.4g}" for k, v in scores.get(branch, {}).items() if k.startswith("finetuned_")}
+        tags = {"lmforge.fingerprint": r.fingerprint, "lmforge.experiment": cfg.experiment_name,
+                "lmforge.code_version": artifacts.code_version(), "lmforge.pipeline_run": tracker.parent_id,
+                "lmforge.step_dir": r.out_dir, **metric}
+        name = f"{base}-{branch}" if branch else base
+        versions[name] = tracker.register_model(name, cfg.tracking.model_alias, r.run_id, dirs, tags)
+    return versions
+
+
+def track_results(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: list[dag.PlannedStep],
+                  results: list[executor.StepResult]) -> dict:
+    """What a reviewer looks at on the parent run: per-step tags, cache hits, the DAG picture,
+    the evaluation table, final metrics; and the registered model."""
+    cached = sum(r.status == "cached" for r in results)
+    tracker.set_tags(run_id, {"lmforge.cache_hits": f"{cached}/{len(results)}",
+                              **{f"lmforge.step.{r.name}": f"{r.status} {r.fingerprint}" for r in results}})
+    by_name = {r.name: r for r in results}
+    nodes = [{"name": p.step.name, "deps": (*p.step.deps, *p.step.members), "status": by_name[p.step.name].status,
+              "seconds": by_name[p.step.name].seconds} for p in planned]
+    tracker.log_figure(run_id, lambda png: figures.dag_picture(nodes, png), "dag.png")
+    tracker.log_table(run_id, evaluation_rows(results), "evaluation.json")
+    final = {(k if r.name == "evaluate" else f"{r.name.split('.', 1)[1]}.{k}"): v
+             for r in results if r.name.split(".")[0] == "evaluate" for k, v in r.metrics.items()}
+    tracker.log_metrics(run_id, final)
+    return register_models(cfg, tracker, results) if cfg.tracking.register_model else {}
+
+
+def report_tracking(outcome: dict, uri: str) -> None:
+    if not outcome:
+        return
+    if outcome["replayed"]:
+        print(f"tracking: the MLflow server was unreachable for part of the run ({outcome['lost']}); the "
+              f"{outcome['calls']} calls kept meanwhile were replayed to it", flush=True)
+    else:
+        print(f"tracking: the MLflow server {redact_text(uri)} could not be reached ({outcome['lost']}); nothing is "
+              f"lost: {outcome['calls']} calls are kept in {outcome['journal']}\n"
+              f"send them when it is back: python -m pipelines.tracking replay {outcome['journal']}",
+              file=sys.stderr, flush=True)
+
+
 def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
+    validate(cfg)  # first: a bad paths.root must not be created
     root = Path(cfg.paths.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    validate(cfg)
     planned = dag.plan(cfg, root)
     print_plan(planned)
     if cfg.dry_run:
         return {"plan": [{"step": p.step.name, "status": p.status, "reason": p.reason} for p in planned]}
 
     uri = tracking.resolve_uri(cfg.tracking.uri, root)
-    tracker = tracking.Tracker(uri, cfg.tracking.experiment, root)
+    tracker = tracking.Tracker(uri, cfg.tracking.experiment, root, cfg.tracking.on_unreachable)
     resources = executor.start_ray(cfg)
     try:
         executor.check_resources(planned, resources)
@@ -113,7 +177,9 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
             with executor.STOP:
                 results = executor.execute(planned, root, tracker, resources)
         except BaseException as error:
-            tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")
+            with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
+                tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")
+                report_tracking(tracker.finish(), uri)
             raise
         summary = {
             "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": redact_text(uri), "root": str(root),
@@ -123,13 +189,12 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         summary_path.parent.mkdir(exist_ok=True)
         write_json(summary_path, summary)
         tracker.log_artifacts(run_id, [summary_path])
-        for r in results:
-            tracker.client.set_tag(run_id, f"lmforge.step.{r.name}", f"{r.status} {r.fingerprint}")
-        final = {(k if r.name == "evaluate" else f"{r.name.split('.', 1)[1]}.{k}"): v
-                 for r in results if r.name.split(".")[0] == "evaluate" for k, v in r.metrics.items()}
-        tracker.log_metrics(run_id, final)
+        summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results)
         tracker.end(run_id)
+        summary["tracking"] = tracker.finish()
+        write_json(summary_path, summary)
         print_summary(results, run_id, uri, summary_path)
+        report_tracking(summary["tracking"], uri)
         return summary
     finally:
         executor.stop_ray()
@@ -151,6 +216,8 @@ def root_error(exc: BaseException) -> BaseException:
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """One line for the user, and whether it is a UserError (bad input or config)."""
     error = root_error(exc)
+    if isinstance(error, executor.DiskFull):
+        return str(error), False
     link = error
     while link is not None:
         if isinstance(link, UserError):

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import re
 
-from conf.schema import Config, FinetuneConfig, LoraConfig, TrainConfig
-from tasks import finetune, taskdata
+from conf.schema import Config, FinetuneConfig, TrainConfig
+from tasks import augment, earlystop, finetune, taskdata
 from tasks.common import UserError
 from tasks.tokenize import SPECIAL_TOKENS
 
 PRECISIONS = ("bf16", "fp32")
 ON_ERROR = ("raise", "skip")
 ON_NONFINITE = ("stop", "skip")
+ON_UNREACHABLE = ("fail", "journal")
 
 
 def check(condition: bool, message: str) -> None:
@@ -53,7 +54,17 @@ LOWER_BOUNDS = {
     "num_virtual_tokens": 1, "max_length": 2, "max_per_label": 1, "min_lines": 1, "max_chars": 1,
     "test_fraction": 0, "val_fraction": 0, "max_examples": 1, "ppl_batches": 1, "num_samples": 0,
     "sample_prompt_tokens": 1, "max_new_tokens": 1, "num_threads": 1, "num_cpus": 1,
+    "attention_dropout": 0, "hidden_dropout": 0, "label_smoothing": 0, "adversarial_epsilon": 0, "patience": 0,
+    "min_delta": 0, "copies": 0, "p_delete": 0, "p_swap": 0, "p_insert": 0, "p_synonym": 0, "rate": 0, "sparsity": 0,
+    "max_doc_chars": 1, "min_mean_word_length": 0, "max_mean_word_length": 0, "max_symbol_ratio": 0,
+    "max_digit_ratio": 0, "max_repeated_line_fraction": 0, "max_repeated_ngram_fraction": 0, "repeated_ngram_size": 1,
+    "shingle_size": 1, "num_perm": 1, "bands": 1, "band_rows": 1, "jaccard_threshold": 0, "examples_per_reason": 0,
 }
+# Shares: below 1 (a dropout or sparsity of 1 leaves nothing) or at most 1 (probabilities and rates).
+BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity"}
+AT_MOST_ONE = {"p_delete", "p_swap", "p_insert", "p_synonym", "rate", "max_symbol_ratio", "max_digit_ratio",
+               "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold"}
+MAX_AUGMENTED_COPIES = 100
 
 
 def check_bounds(tree, prefix: str = "") -> None:
@@ -68,15 +79,25 @@ def check_bounds(tree, prefix: str = "") -> None:
             check_bounds(value, key + ".")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and name in LOWER_BOUNDS:
             check(value >= LOWER_BOUNDS[name], f"{key}: must be at least {LOWER_BOUNDS[name]:g}, got {value}")
-    if isinstance(tree, LoraConfig):
-        check(tree.dropout < 1, f"{prefix}dropout: must be below 1, got {tree.dropout}")
+            check(name not in BELOW_ONE or value < 1, f"{key}: must be below 1, got {value}")
+            check(name not in AT_MOST_ONE or value <= 1, f"{key}: must be at most 1, got {value}")
 
 
 def validate(cfg: Config) -> None:
     check_bounds(cfg)
+    check("://" not in cfg.paths.root,
+          f"paths.root: '{cfg.paths.root}' is a URI, but steps read and write local files; use a shared filesystem "
+          "mounted on every node (NFS, EFS, Filestore, a ReadWriteMany volume) and give its path (cluster/README.md)")
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
+    validate_tracking(cfg)
     check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
+    weights = cfg.data.weights
+    check(not weights or (len(weights) == len(cfg.data.paths) and min(weights) >= 0 and max(weights) > 0),
+          f"data.weights: one weight >= 0 per data.paths entry ({len(cfg.data.paths)}), not all 0; got {weights}")
+    near = cfg.data.near_dedup
+    check(near.bands * near.band_rows == near.num_perm, f"data.near_dedup.num_perm: must equal bands x band_rows "
+                                                        f"({near.bands} x {near.band_rows}), got {near.num_perm}")
     tok, model = cfg.tokenizer, cfg.model
     check(tok.vocab_size >= 256 + len(SPECIAL_TOKENS),
           f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(SPECIAL_TOKENS)})")
@@ -95,7 +116,21 @@ def validate(cfg: Config) -> None:
         check(key == "finetune" or re.fullmatch(r"finetunes\.[a-z0-9_]{1,32}", key) is not None,
               f"{key}: a branch name is 1-32 lower-case letters, digits or underscores")
         validate_finetune(key, ft, model.max_position_embeddings)
+        validate_techniques(key, ft, cfg.task.kind)
     validate_task(cfg)
+    validate_eval(cfg)
+
+
+def validate_tracking(cfg: Config) -> None:
+    track = cfg.tracking
+    check(track.on_unreachable in ON_UNREACHABLE,
+          f"tracking.on_unreachable: must be one of {ON_UNREACHABLE}, got '{track.on_unreachable}'")
+    # MLflow keeps 'latest' and 'v<number>' for itself (models:/name@latest, version references)
+    check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,254}", track.model_alias) is not None
+          and track.model_alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", track.model_alias),
+          f"tracking.model_alias: '{track.model_alias}' must be a name (letters, digits, '_', '-'), not 'latest' or v<N>")
+    check(track.registered_model == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", track.registered_model)
+          is not None, f"tracking.registered_model: '{track.registered_model}' must be 1-100 letters, digits, '_', '.' or '-'")
 
 
 def validate_finetune(key: str, cfg: FinetuneConfig, max_positions: int) -> None:
@@ -134,3 +169,28 @@ def validate_task(cfg: Config) -> None:
     else:
         check(task.builtin in ("stdlib_packages",), f"task.builtin: unknown data set '{task.builtin}' (known: stdlib_packages)")
         check(task.kind == "classification", "task.kind: the 'stdlib_packages' data set is a classification task")
+
+
+def validate_techniques(key: str, cfg: FinetuneConfig, kind: str) -> None:
+    stopping = cfg.early_stopping
+    check(stopping.metric in earlystop.HIGHER_IS_BETTER,
+          f"{key}.early_stopping.metric: must be one of {tuple(earlystop.HIGHER_IS_BETTER)}, got '{stopping.metric}'")
+    check(stopping.metric != "val_accuracy" or kind == "classification",
+          f"{key}.early_stopping.metric: val_accuracy needs task.kind=classification")
+    check(cfg.augment.copies <= MAX_AUGMENTED_COPIES,
+          f"{key}.augment.copies: at most {MAX_AUGMENTED_COPIES}, got {cfg.augment.copies}")
+    check(cfg.augment.copies == 0 or kind != "chat", f"{key}.augment.copies: augmentation needs task.kind "
+                                                     f"classification or generation")
+
+
+def validate_eval(cfg: Config) -> None:
+    unknown = set(cfg.eval.robustness.perturbations) - set(augment.PERTURBATIONS)
+    check(not unknown, f"eval.robustness.perturbations: unknown {sorted(unknown)} (known: {', '.join(augment.PERTURBATIONS)})")
+    check(not cfg.eval.robustness.perturbations or cfg.task.kind != "chat",
+          "eval.robustness.perturbations: needs task.kind classification or generation")
+    members = cfg.eval.ensemble
+    if members:
+        check(cfg.task.kind == "classification", "eval.ensemble: averages label probabilities (task.kind=classification)")
+        check(len(set(members)) == len(members) >= 2, f"eval.ensemble: needs two or more different branches, got {members}")
+        missing = [m for m in members if m not in cfg.finetunes]
+        check(not missing, f"eval.ensemble: {missing} are not branches of finetunes ({', '.join(cfg.finetunes) or 'none'})")

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from conf.schema import TrainConfig
 from tasks.common import UserError
+from tasks.earlystop import FRESH_STATE
 from tasks.trainlog import TrainLog, log_final
 
 
@@ -259,16 +260,32 @@ def measure_peak_flops(cfg: TrainConfig, size: int = 1024, repeats: int = 8) -> 
 
 
 STOP_FILE = ".stop_requested"
+OWNER_FILE = ".owner"
+"""Beside checkpoint_dir: the launch that owns this training directory now. A rank that sees it
+change (a new launch took over after this attempt's driver was killed) stops without writing."""
+
+
+class Superseded(RuntimeError):
+    """Another launch took over this training directory."""
+
+
+def owner(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
-          log: TrainLog, checkpoint_dir: Path) -> dict:
+          log: TrainLog, checkpoint_dir: Path, keeper=None) -> dict:
     """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
     `eval_batches`: this rank's validation batches. Resumes from the newest valid checkpoint in
     checkpoint_dir. A stop request (STOP_FILE beside checkpoint_dir, written on SIGTERM) makes
-    every rank checkpoint at the end of the current step and return {"stopped_at_step": step}."""
+    every rank checkpoint at the end of the current step and return {"stopped_at_step": step}.
+    `keeper` (earlystop.BestKeeper) sees every validation and may end training early."""
     accum = engine.gradient_accumulation_steps()
-    stop_file = checkpoint_dir.parent / STOP_FILE
+    stop_file, owner_file = checkpoint_dir.parent / STOP_FILE, checkpoint_dir.parent / OWNER_FILE
+    mine = owner(owner_file)
     state = restore(engine, checkpoint_dir, log)  # window_loss, window_steps, skipped_steps
     start_step = state.pop("step")
     skipped_in_a_row = 0
@@ -281,8 +298,12 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
                 with autocast(cfg):
                     loss = forward(to_device(train_batch(step, micro), engine))
                 value = loss.item()
-                flags = all_reduce_sum([0.0 if math.isfinite(value) else 1.0, float(stop_file.exists())])
+                flags = all_reduce_sum([0.0 if math.isfinite(value) else 1.0, float(stop_file.exists()),
+                                        float(owner(owner_file) != mine)])
                 nonfinite, stop = nonfinite or flags[0] > 0, stop or flags[1] > 0  # every rank decides alike
+                if flags[2] > 0:
+                    raise Superseded(f"another launch took over {checkpoint_dir.parent}; this attempt stops "
+                                     f"at step {done} without writing")
                 if nonfinite and cfg.on_nonfinite == "stop":
                     raise NonFiniteError(f"non-finite training loss at step {done} (try a lower learning rate); "
                                          f"training stopped before applying it")
@@ -312,8 +333,11 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
 
             log_now = done % cfg.log_every == 0 or done == cfg.max_steps
             eval_now = done % cfg.eval_every == 0 or done == cfg.max_steps
+            early_stop = False
             if log_now or eval_now:
-                record_metrics(engine, cfg, forward, eval_batches, log, state, done, eval_now)
+                metrics = record_metrics(engine, cfg, forward, eval_batches, log, state, done, eval_now)
+                # --- early stopping: the keeper saves the best weights and says when to stop ---
+                early_stop = eval_now and keeper is not None and keeper.update(engine, done, metrics, state)
 
             # --- checkpoint: everything needed to continue exactly from here ---
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
@@ -325,11 +349,14 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
                 if log.rank == 0:
                     log.ctx.say(f"stop requested: checkpoint written at step {done}/{cfg.max_steps}")
                 return {"stopped_at_step": done}
-    return {**log_final(log), "skipped_steps": state["skipped_steps"]}
+            if early_stop:
+                break
+    summary = keeper.summary(state, done) if keeper is not None else {}
+    return {**log_final(log), "skipped_steps": state["skipped_steps"], **summary}
 
 
 def record_metrics(engine, cfg: TrainConfig, forward: Callable, eval_batches: list, log: TrainLog, state: dict,
-                   done: int, eval_now: bool) -> None:
+                   done: int, eval_now: bool) -> dict:
     """Training loss averaged over ranks and the applied steps since the last record; validation."""
     total, count = all_reduce_sum([state["window_loss"], state["window_steps"]])
     metrics = {"loss": total / count} if count else {}
@@ -346,6 +373,7 @@ def record_metrics(engine, cfg: TrainConfig, forward: Callable, eval_batches: li
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
         log.exclude(time.monotonic() - started)
     log.record(done, metrics)
+    return metrics
 
 
 def drop_nonfinite_gradients(engine, nonfinite: bool) -> bool:
@@ -394,7 +422,7 @@ def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
     """Load the newest valid checkpoint if there is one; returns the training state to continue from."""
     from tasks import checkpoints
 
-    fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0}
+    fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0, **FRESH_STATE}
     rank, world = rank_and_world()
     warn = log.ctx.say if log.rank == 0 else (lambda _message: None)
     record = checkpoints.record_of(checkpoint_dir, rank, warn)

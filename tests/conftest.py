@@ -61,3 +61,20 @@ def single_rank():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def fault_table():
+    """Records one row of the fault-injection table (tests/faults/table.py prints it): the
+    scenario, the fault injected, the outcome, the work redone and the data lost. A no-op unless
+    $LMFORGE_FAULT_TABLE names the file to append to."""
+    import os
+
+    def record(scenario: str, fault: str, outcome: str, redone: str, lost: str) -> None:
+        path = os.environ.get("LMFORGE_FAULT_TABLE")
+        if path:
+            row = {"scenario": scenario, "fault": fault, "outcome": outcome, "redone": redone, "lost": lost}
+            with open(path, "a") as table:
+                table.write(json.dumps(row) + "\n")
+
+    return record

@@ -1,5 +1,6 @@
-"""Real process kills during a pipeline run: the driver (SIGKILL, or SIGTERM as a preemption
-does) and a Ray Train worker (SIGKILL, restarted by Ray Train). Training continues from its
+"""Real process kills during a pipeline run: the driver (SIGTERM, as a preemption does) and a Ray
+Train worker (SIGKILL, restarted by Ray Train); SIGKILLs of the driver are in
+tests/faults/test_random_kills.py. Training continues from its
 last checkpoint either way, also on a different number of workers."""
 from __future__ import annotations
 
@@ -43,22 +44,7 @@ def finish(proc) -> str:
     return output
 
 
-def test_killed_driver_resumes_pretraining_from_its_checkpoint(tmp_path):
-    proc = start(tmp_path)
-    reached = wait_for_step(tmp_path, proc, 25)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 25 <= reached < 150, f"not killed mid-pretraining (step {reached})"
-    time.sleep(3)  # let the embedded Ray's processes notice their driver is gone
-
-    output = finish(start(tmp_path))
-    assert "pretrain  run" in output and "continuing from its last checkpoint" in output
-    assert "resumed from the checkpoint at step" in output
-    assert "[6/6] evaluate: running" in output and "summary JSON" in output
-    assert not list((tmp_path / "pretrain").glob(".partial-*"))  # published, nothing left behind
-
-
-def test_killed_train_worker_is_restarted_by_ray_train(tmp_path):
+def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table):
     proc = start(tmp_path, "pretrain.max_failures=1")
     reached = wait_for_step(tmp_path, proc, 25)
     assert reached < 150
@@ -67,9 +53,13 @@ def test_killed_train_worker_is_restarted_by_ray_train(tmp_path):
     output = finish(proc)
     assert "resumed from the checkpoint at step" in output
     assert "summary JSON" in output
+    resumed = int(output.split("resumed from the checkpoint at step ")[1].split("/")[0])
+    fault_table("Ray Train worker killed mid-pretraining", f"SIGKILL of a RayTrainWorker at step {reached}",
+                "Ray Train restarted the worker group; the same run finished",
+                f"pretrain steps after the checkpoint at step {resumed}", "0")
 
 
-def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path):
+def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path, fault_table):
     proc = start(tmp_path, workers=2)
     reached = wait_for_step(tmp_path, proc, 25)
     assert 25 <= reached < 150, f"not stopped mid-pretraining (step {reached})"
@@ -86,3 +76,6 @@ def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp
     assert "written by 2 worker(s), resuming on 1" in output
     assert f"resumed from the checkpoint at step {stopped_at}/150" in output
     assert "summary JSON" in output
+    fault_table("preemption (SIGTERM) of a 2-worker run, rerun on 1 worker", f"SIGTERM at step {reached}",
+                f"checkpoint at step {stopped_at}, exit 143; rerun resumed there (universal checkpoint)",
+                "none (stopped at a step boundary)", "0")

@@ -16,7 +16,7 @@ def launch(root):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_launches_run_each_step_once(tmp_path):
+def test_two_launches_run_each_step_once(tmp_path, fault_table):
     first = launch(tmp_path)
     time.sleep(2)
     second = launch(tmp_path)
@@ -34,3 +34,5 @@ def test_two_launches_run_each_step_once(tmp_path):
     assert not list(tmp_path.glob("*/.lock-*"))  # every lock released
     fingerprints = [{s["name"]: s["fingerprint"] for s in summary["steps"]} for summary in summaries]
     assert fingerprints[0] == fingerprints[1]
+    fault_table("two launches of one experiment at once", "second launch 2 s after the first",
+                "both exit 0; each step ran once, the other launch waited and used it", "none", "0")

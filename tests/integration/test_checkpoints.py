@@ -48,7 +48,7 @@ def test_stop_request_checkpoints_and_resumes_exactly(single_rank, tmp_path, cap
     assert history(stopped) == history(reference)  # exact, the loss window cut by the stop included
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(single_rank, tmp_path, capsys):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(single_rank, tmp_path, capsys, fault_table):
     reference = fresh_dir(tmp_path, "reference")
     run(reference, BASE)
     damaged = fresh_dir(tmp_path, "damaged")
@@ -61,6 +61,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(single_rank, t
     assert "checkpoint step00000005 is not usable: mp_rank_00_model_states.pt is truncated" in out
     assert "resumed from the checkpoint at step 4/8" in out
     assert history(damaged) == history(reference)
+    fault_table("newest checkpoint damaged", "model states truncated to 1,000 bytes",
+                "reported; resumed from the previous checkpoint; same losses", "1 training step", "0")
 
 
 class Payload:
@@ -73,7 +75,7 @@ class Payload:
         return (subprocess.call, (["touch", str(self.marker)],))
 
 
-def test_planted_pickle_in_a_checkpoint_is_refused(single_rank, tmp_path):
+def test_planted_pickle_in_a_checkpoint_is_refused(single_rank, tmp_path, fault_table):
     out_dir = fresh_dir(tmp_path, "planted")
     run(out_dir, BASE, stop_at=2)
     tag_dir = out_dir / "checkpoints" / "step00000002"
@@ -87,6 +89,8 @@ def test_planted_pickle_in_a_checkpoint_is_refused(single_rank, tmp_path):
     with pytest.raises(checkpoints.UnsafeCheckpointError, match="mp_rank_00_model_states.pt: refused to unpickle"):
         run(out_dir, BASE)
     assert not marker.exists()
+    fault_table("malicious pickle planted in a checkpoint (record fixed too)", "a __reduce__ payload",
+                "UnsafeCheckpointError naming the file; the payload never ran", "-", "0")
 
 
 def test_checkpoint_of_two_workers_resumes_on_one(single_rank, tmp_path, capsys):
@@ -142,3 +146,17 @@ def test_placement_switch_gives_the_same_losses(single_rank, tmp_path, switch, s
     run(plain, cfg)
     run(switched, dataclasses.replace(cfg, **{switch: True}))
     assert [r[1] for r in history(switched)] == pytest.approx([r[1] for r in history(plain)], rel=tolerance)
+
+
+def test_an_attempt_whose_directory_was_taken_over_stops_without_writing(single_rank, tmp_path):
+    """What the workers of a killed driver see when a new launch takes the step over."""
+    out_dir = fresh_dir(tmp_path, "superseded")
+    (out_dir / training.OWNER_FILE).write_text("killed launch")
+
+    def take_over(step, _engine):
+        if step == 3:
+            (out_dir / training.OWNER_FILE).write_text("new launch")
+
+    with pytest.raises(training.Superseded, match="another launch took over"):
+        run(out_dir, dataclasses.replace(BASE, checkpoint_every=2), on_step=take_over)
+    assert sorted(p.name for p in (out_dir / "checkpoints").glob("step*")) == ["step00000002"]  # none after step 3

@@ -71,7 +71,7 @@ def test_publish_records_every_file_with_its_hash(tmp_path):
     assert artifacts.read_manifest(tmp_path / "step" / "abc")["files"] == manifest["files"]
 
 
-def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path):
+def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path, fault_table):
     import json
 
     ingest = dag.plan(tiny_cfg, tmp_path)[0]
@@ -96,3 +96,5 @@ def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path):
     manifest["metrics"]["docs_kept"] = 1000
     manifest_path.write_text(json.dumps(manifest))
     assert "_manifest.json was edited" in dag.plan(tiny_cfg, tmp_path)[0].reason
+    fault_table("step directory damaged on disk", "same-size altered bytes; truncated file; grown file; edited manifest",
+                "each detected by the manifest's hashes, reported in the plan, step recomputed", "the damaged step", "0")

@@ -42,7 +42,7 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert time.time() - path.stat().st_mtime < 1
 
 
-def test_lock_of_a_dead_process_or_without_heartbeat_is_taken_over(tmp_path):
+def test_lock_of_a_dead_process_or_without_heartbeat_is_taken_over(tmp_path, fault_table):
     path = tmp_path / ".lock-abc"
     path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "since": 0}))
     messages = []
@@ -56,3 +56,18 @@ def test_lock_of_a_dead_process_or_without_heartbeat_is_taken_over(tmp_path):
     with locks.step_lock(path, messages.append, stale_s=60):
         pass
     assert "pid 1 on elsewhere, no heartbeat for 120 s" in messages[0]
+    fault_table("lock left by a dead launch", "lock of an exited pid; lock with a 120 s old heartbeat",
+                "taken over, with a message naming the holder", "-", "0")
+
+
+def test_the_embedded_ray_listens_on_loopback_only(monkeypatch, tiny_cfg):
+    import ray
+
+    from pipelines import executor
+
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+    executor.start_ray(tiny_cfg)
+    assert seen["_node_ip_address"] == "127.0.0.1" and seen["include_dashboard"] is False

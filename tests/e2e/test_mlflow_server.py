@@ -1,0 +1,232 @@
+"""The pipeline against a real `mlflow server` over HTTP, read back through its REST API the way
+the UI does: parent and child runs, metrics, artifacts, the registered model and its alias.
+Then the faults: a server that is down at start (a fast, clear error, or a journal on request)
+and a server that goes away mid-run (the run finishes, nothing is lost, the journal replays)."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines import artifacts
+from tests.conftest import REPO
+
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An `mlflow server` on localhost with a SQLite store; stop() and start() keep the store."""
+
+    def __init__(self, directory):
+        self.directory, self.port, self.proc = directory, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.directory}/mlflow.db", "--workers", "1",
+             "--artifacts-destination", str(self.directory / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            import os
+
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers, at once
+            self.proc.wait()
+
+    def get(self, endpoint: str, **query) -> dict:
+        from urllib.parse import urlencode
+
+        with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{endpoint}?{urlencode(query)}", timeout=30) as answer:
+            return json.loads(answer.read())
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())
+
+    def children(self, parent_id: str, experiment_id: str) -> dict[str, dict]:
+        found = self.post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100,
+                                          "filter": f"tags.mlflow.parentRunId = '{parent_id}'"})
+        return {tag(run, "lmforge.step"): run for run in found.get("runs", [])}
+
+    def artifacts(self, run_id: str, path: str = "") -> set[str]:
+        return {f["path"] for f in self.get("artifacts/list", run_id=run_id, path=path).get("files", [])}
+
+
+def tag(run: dict, key: str) -> str | None:
+    return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tracked")
+
+
+def launch(root, uri, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", "+experiment=tiny", f"paths.root={root}", "ray.num_cpus=2",
+         f"tracking.uri={uri}", *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, expect=0) -> tuple[str, dict | None]:
+    output = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == expect, output[-4000:]
+    found = re.search(r"summary JSON:\s+(\S+)", output)
+    return output, json.loads(open(found.group(1)).read()) if found else None
+
+
+@pytest.fixture(scope="module")
+def first_run(root, server):
+    return finish(launch(root, server.uri))
+
+
+def test_a_run_is_reviewable_through_the_servers_rest_api(first_run, server):
+    output, summary = first_run
+    assert f"open {server.uri}" in output
+    experiment_id = server.get("experiments/get-by-name", experiment_name="lmforge")["experiment"]["experiment_id"]
+    parent = server.get("runs/get", run_id=summary["run_id"])["run"]
+    assert parent["info"]["status"] == "FINISHED" and tag(parent, "lmforge.cache_hits") == "0/6"
+    assert tag(parent, "lmforge.code_version") and tag(parent, "lmforge.step.pretrain").startswith("ran ")
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["pretrain.max_steps"] == "8" and params["experiment_name"] == "tiny"
+    assert {"config.yaml", "dag.png", "evaluation.json", f"{summary['run_id']}.json"} <= server.artifacts(parent["info"]["run_id"])
+    assert any(m["key"] == "finetuned_accuracy" for m in parent["data"]["metrics"])
+
+    children = server.children(summary["run_id"], experiment_id)
+    assert set(children) == set(STEPS)
+    for name, run in children.items():
+        assert tag(run, "lmforge.status") == "run" and run["info"]["status"] == "FINISHED"
+        assert "_manifest.json" in server.artifacts(run["info"]["run_id"]), name
+    pretrain = children["pretrain"]["info"]["run_id"]
+    history = server.get("metrics/get-history", run_id=pretrain, metric_key="loss")["metrics"]
+    assert len(history) >= 3 and "loss_curve.png" in server.artifacts(pretrain)
+    assert "samples.json" in server.artifacts(children["evaluate"]["info"]["run_id"])
+
+    version = server.get("registered-models/alias", name="lmforge-tiny", alias="candidate")["model_version"]
+    finetune = children["finetune"]["info"]["run_id"]
+    assert version["run_id"] == finetune and version["source"].endswith("/finetuned")
+    assert {"finetuned/adapter", "finetuned/merged"} <= server.artifacts(finetune, "finetuned")
+    assert "config.json" in {p.rsplit("/", 1)[-1] for p in server.artifacts(finetune, "finetuned/merged")}
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert tags["lmforge.fingerprint"] == tag(children["finetune"], "lmforge.fingerprint")
+    assert "finetuned_accuracy" in tags
+
+
+def test_a_cached_rerun_reuses_the_registered_version(first_run, root, server):
+    output, summary = finish(launch(root, server.uri))
+    assert all(step["status"] == "cached" for step in summary["steps"]), output[:3000]
+    parent = server.get("runs/get", run_id=summary["run_id"])["run"]
+    assert tag(parent, "lmforge.cache_hits") == "6/6"
+    versions = server.get("model-versions/search", filter="name='lmforge-tiny'")["model_versions"]
+    assert len(versions) == 1
+    assert server.get("registered-models/alias", name="lmforge-tiny", alias="candidate")["model_version"]["version"] == "1"
+
+
+def test_an_unreachable_server_stops_the_run_at_once_naming_it(root, fault_table):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    output, _ = finish(launch(root / "unreached", uri), expect=2)
+    assert time.monotonic() - started < 60
+    assert f"error: tracking.uri: the MLflow server {uri} cannot be reached" in output
+    assert "tracking.on_unreachable=journal" in output
+    assert not any(p.name in STEPS for p in (root / "unreached").iterdir())  # no work was started
+    fault_table("MLflow server down at start", "tracking.uri to a closed port",
+                f"exit 2 in {time.monotonic() - started:.0f} s naming tracking.uri and the URI (or, with "
+                "tracking.on_unreachable=journal, run recorded locally and replayed)", "-", "0")
+
+
+def test_journal_mode_records_the_run_locally_and_replays_it(first_run, root, server):
+    dead = f"http://127.0.0.1:{free_port()}"
+    output, summary = finish(launch(root, dead, "tracking.on_unreachable=journal"))
+    assert all(step["status"] == "cached" for step in summary["steps"])
+    assert not summary["tracking"]["replayed"] and summary["run_id"].startswith("pending-")
+    journal = summary["tracking"]["journal"]
+    assert f"python -m pipelines.tracking replay {journal}" in output
+
+    replay = subprocess.run([sys.executable, "-m", "pipelines.tracking", "replay", journal, "--uri", server.uri],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    parent_id = json.loads((Path(journal) / "progress.json").read_text())["ids"][summary["run_id"]]
+    parent = server.get("runs/get", run_id=parent_id)["run"]
+    assert parent["info"]["status"] == "FINISHED" and tag(parent, "lmforge.cache_hits") == "6/6"
+    experiment_id = parent["info"]["experiment_id"]
+    assert set(server.children(parent_id, experiment_id)) == set(STEPS)
+    again = subprocess.run([sys.executable, "-m", "pipelines.tracking", "replay", journal, "--uri", server.uri],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and len(server.children(parent_id, experiment_id)) == len(STEPS)  # no duplicates
+
+
+def test_a_server_lost_mid_run_loses_nothing(first_run, root, server, fault_table):
+    proc = launch(root, server.uri, "finetune.max_steps=12", "finetune.checkpoint_every=0")
+    partial = None
+    deadline = time.monotonic() + 600
+    while partial is None and proc.poll() is None and time.monotonic() < deadline:
+        logs = list((root / "finetune").glob(".partial-*/train_log.jsonl"))
+        partial = logs[0] if logs and logs[0].read_text().strip() else None
+        time.sleep(0.1)
+    assert partial is not None, "fine-tuning never started"
+    server.stop()
+    try:
+        output, summary = finish(proc)
+    finally:
+        server.start()
+    assert "could not be reached" in output and not summary["tracking"]["replayed"]
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert statuses["finetune"] == "ran" and statuses["evaluate"] == "ran"
+    for step in summary["steps"]:  # every result is on disk, complete
+        directory = artifacts.step_dir(root, step["name"], step["fingerprint"])
+        assert artifacts.damage(directory, artifacts.read_manifest(directory)) is None
+
+    journal = summary["tracking"]["journal"]
+    replay = subprocess.run([sys.executable, "-m", "pipelines.tracking", "replay", journal],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    ids = json.loads((Path(journal) / "progress.json").read_text())["ids"]
+    parent_id = ids.get(summary["run_id"], summary["run_id"])
+    parent = server.get("runs/get", run_id=parent_id)["run"]
+    assert parent["info"]["status"] == "FINISHED"
+    children = server.children(parent_id, parent["info"]["experiment_id"])
+    assert set(children) == set(STEPS)
+    finetune = children["finetune"]["info"]["run_id"]
+    steps_logged = {m["step"] for m in server.get("metrics/get-history", run_id=finetune, metric_key="loss")["metrics"]}
+    assert steps_logged == set(range(1, 13)), steps_logged  # log_every=1: every step, before and after the loss
+    evaluate = children["evaluate"]["info"]["run_id"]
+    assert any(m["key"] == "finetuned_accuracy" for m in server.get("runs/get", run_id=evaluate)["run"]["data"]["metrics"])
+    version = server.get("registered-models/alias", name="lmforge-tiny", alias="candidate")["model_version"]
+    assert version["version"] == "2" and version["run_id"] == finetune
+    fault_table("MLflow server gone mid-run", "server killed during fine-tuning",
+                "training went on; exit 0; calls journaled; replay put every metric, run and the model version "
+                "on the server", "none", "0 (12 of 12 loss points)")

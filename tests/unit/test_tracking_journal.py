@@ -1,0 +1,81 @@
+"""The tracking journal without a server: a Tracker whose server is down records every call
+(runs, params, metrics from a worker's logger, tags, files, a table, the model registration)
+and the replay puts all of it into a real MLflow store, once, even when interrupted."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipelines import tracking
+from pipelines.journal import Journal
+from tasks.common import UserError
+
+
+def dead_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_server_is_refused_by_default(tmp_path):
+    uri = dead_uri()
+    with pytest.raises(UserError, match=f"tracking.uri: the MLflow server {uri} cannot be reached"):
+        tracking.Tracker(uri, "exp", tmp_path)
+
+
+def record_a_run(tmp_path):
+    tracker = tracking.Tracker(dead_uri(), "exp", tmp_path, on_unreachable="journal")
+    parent = tracker.start("tiny", {"pretrain": {"lr": 0.1}, "api_token": "s3cret"}, {"lmforge.experiment": "tiny"})
+    child = tracker.start_step("finetune", "fp123", "run", "no earlier run", {"finetune": {"r": 4}})
+    logger = tracker.metric_logger(child)
+    for step in range(1, 4):
+        logger({"loss": 1.0 / step, "flag": True}, step)  # what a training worker does
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "val_loss": 1.7}\n')
+    tracker.log_loss_curve(child, tmp_path / "history.jsonl", "finetune loss")
+    tracker.log_table(parent, [{"model": "finetuned", "accuracy": 0.5}], "evaluation.json")
+    tracker.register_model("lmforge-tiny", "candidate", child, {"merged": model}, {"lmforge.fingerprint": "fp123"})
+    tracker.end(child)
+    tracker.set_tags(parent, {"lmforge.cache_hits": "0/1"})
+    tracker.end(parent)
+    return tracker, parent, child
+
+
+def test_every_call_is_journaled_and_replayed_once_even_when_interrupted(tmp_path, monkeypatch):
+    tracker, parent, child = record_a_run(tmp_path)
+    outcome = tracker.finish()
+    assert outcome["replayed"] is False and parent.startswith("pending-")
+    assert "log_batch" in outcome["calls"] and "register" in outcome["calls"]
+    assert "s3cret" not in Journal(tracker.journal.directory).calls_path.read_text()
+
+    store = f"sqlite:///{tmp_path / 'replayed.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
+    real = tracking.APPLY["log_table"]
+
+    def fail(*_):
+        raise ConnectionError("server went away during the replay")
+
+    monkeypatch.setitem(tracking.APPLY, "log_table", fail)
+    with pytest.raises(ConnectionError):
+        tracking.replay(tracker.journal.directory, store)
+    assert 0 < tracker.journal.progress()["done"] < len(tracker.journal.calls())
+    monkeypatch.setitem(tracking.APPLY, "log_table", real)
+    assert tracking.replay(tracker.journal.directory, store) == len(tracker.journal.calls())
+    tracking.replay(tracker.journal.directory, store)  # a finished replay sends nothing again
+
+    ids = tracker.journal.progress()["ids"]
+    client = tracking._client(store)
+    assert len(client.search_runs([client.get_experiment_by_name("exp").experiment_id])) == 2  # no run twice
+    parent_run, child_run = client.get_run(ids[parent]), client.get_run(ids[child])
+    assert parent_run.info.status == "FINISHED" and parent_run.data.tags["lmforge.cache_hits"] == "0/1"
+    assert parent_run.data.params["api_token"] == "***" and parent_run.data.params["pretrain.lr"] == "0.1"
+    assert child_run.data.tags["mlflow.parentRunId"] == ids[parent]
+    assert [m.value for m in client.get_metric_history(ids[child], "loss")] == [1.0, 0.5, 1.0 / 3]
+    assert "flag" not in child_run.data.metrics
+    assert {a.path for a in client.list_artifacts(ids[child])} >= {"loss_curve.png", "finetuned"}
+    assert {a.path for a in client.list_artifacts(ids[parent])} == {"evaluation.json"}
+    version = client.get_model_version_by_alias("lmforge-tiny", "candidate")
+    assert version.run_id == ids[child] and version.tags["lmforge.fingerprint"] == "fp123"
