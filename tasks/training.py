@@ -161,7 +161,12 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int, recompute:
     """DeepSpeed engine over build_optimizer's AdamW and schedule. With activation checkpointing,
     `recompute` says what is recomputed: whole decoder layers ('layers') or their MLPs ('mlp')."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce that only its inference
+    # all-reduce uses. Training never calls it, and a process killed while compiling it leaves
+    # torch's build lock behind, on which every later run waits forever: it is not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if cfg.activation_checkpointing and recompute == "layers":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.activation_checkpointing:
