@@ -18,7 +18,7 @@ from conf.schema import Config
 from pipelines import artifacts, locks
 from pipelines.dag import PlannedStep
 from pipelines.redaction import redact
-from pipelines.tracking import Tracker
+from pipelines.tracking import Tracker, error_line
 from tasks.common import Progress, TaskContext, UserError, write_json
 from tasks.training import OWNER_FILE, STOP_FILE
 
@@ -56,11 +56,6 @@ def out_of_space(error: BaseException, directory: Path) -> bool:
         return shutil.disk_usage(directory if directory.exists() else directory.parent).free < LOW_SPACE_BYTES
     except OSError:
         return False
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 class Preempted(Exception):
@@ -316,7 +311,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
             tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
         if full:
             raise DiskFull(f"{item.step.name}: no space left on the device of {staging.parent.parent} "
-                           f"({type(error).__name__}: {first_line(error)}); free some space and rerun: finished "
+                           f"({type(error).__name__}: {error_line(error)}); free some space and rerun: finished "
                            f"steps are kept, and nothing of {item.step.name} was taken as a result") from error
         raise
     manifest = {

@@ -70,9 +70,6 @@ class Journal:
     def save_progress(self, progress: dict) -> None:
         write_json(self.directory / "progress.json", progress)
 
-    def finished(self) -> bool:
-        return self.progress()["done"] >= len(self.calls())
-
     def summary(self) -> str:
         counts: dict[str, int] = {}
         for call in self.calls():

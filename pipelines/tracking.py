@@ -223,8 +223,9 @@ class MetricLogger:
 
 
 def error_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters), secrets redacted: for one-line messages."""
     lines = str(error).strip().splitlines()
-    return redact_text(lines[0][:200] if lines else type(error).__name__)
+    return redact_text(lines[0][:300] if lines else type(error).__name__)
 
 
 class Tracker:
@@ -260,7 +261,7 @@ class Tracker:
                 if not is_unavailable(error):
                     raise
                 self._lose(error_line(error))
-        if op in ("log_artifact",) and call.get("temporary"):
+        if op == "log_artifact" and call.get("temporary"):
             call["path"] = self.journal.keep_file(Path(call["path"]))
         self.journal.add(op, **call)
         return call.get("id")
@@ -400,8 +401,7 @@ def main(argv: list[str]) -> int:
         return 2
     uri = args.uri or json.loads((args.journal / "uri.json").read_text())["uri"]
     total = replay(args.journal, uri)
-    print(f"replayed {total} calls ({journal.summary()}) to {redact_text(uri)}; run ids: "
-          f"{ {k: v for k, v in journal.progress()['ids'].items()} }")
+    print(f"replayed {total} calls ({journal.summary()}) to {redact_text(uri)}; run ids: {journal.progress()['ids']}")
     return 0
 
 

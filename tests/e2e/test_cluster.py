@@ -10,12 +10,12 @@ other Ray instances on the machine).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +27,13 @@ import pytest
 
 from pipelines import artifacts
 from tests.conftest import REPO
+from tests.integration.test_resume import free_port
 
 pytestmark = pytest.mark.e2e
 
 STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env() -> dict:
@@ -60,14 +56,10 @@ def kill_node(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         family = []
     for pid in family:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=30)
 
 

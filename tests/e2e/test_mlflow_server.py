@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import pytest
 
 from pipelines import artifacts
 from tests.conftest import REPO
+from tests.integration.test_resume import free_port
 
 STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -3,19 +3,16 @@
 and the replay puts all of it into a real MLflow store, once, even when interrupted."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from pipelines import tracking
 from pipelines.journal import Journal
 from tasks.common import UserError
+from tests.integration.test_resume import free_port
 
 
 def dead_uri() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def test_an_unreachable_server_is_refused_by_default(tmp_path):
