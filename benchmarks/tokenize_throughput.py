@@ -69,7 +69,7 @@ def measure(tokenizer, texts: list[str], cfg: TokenizerConfig, work: Path, cpus:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
         ctx = TaskContext("tokenize", num_cpus=cpus)
-        ctx.parallel_map = lambda fn, items: ray_map(fn, items)
+        ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, on_result=on_result)
         is_val = [tokenize.is_validation(str(i), cfg.val_fraction) for i in range(len(texts))]
         tokenize.encode_and_pack(tokenizer, texts[:50], is_val[:50], cfg, work, ctx)  # warm-up: workers start
         raw, ours = {"tokens_per_s": 0.0}, {"tokens_per_s": 0.0}

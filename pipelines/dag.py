@@ -17,7 +17,8 @@ from conf.schema import (Config, EnsembleStepConfig, EvaluateStepConfig, Finetun
                          TrainConfig)
 from pipelines import artifacts
 from pipelines.redaction import redact
-from tasks import ensemble, evaluate, finetune, ingest, pretrain, taskdata, tokenize
+from tasks import (decontaminate, ensemble, evaluate, finetune, ingest, pretrain, taskdata, tokenize, tokenizer_files,
+                   units)
 
 
 def identity(section: Any) -> Any:
@@ -52,6 +53,17 @@ def ingest_identity(section) -> dict:
     return {**identity(section), "sources_digest": ingest.sources_digest(section)}
 
 
+def tokenize_identity(section) -> dict:
+    """A reused tokenizer (tokenizer.path, a placement field) counts by its files' bytes, and the
+    training settings it makes irrelevant drop out."""
+    view = identity(section)
+    if section.path:
+        for unused in tokenize.TRAINING_FIELDS:
+            view.pop(unused)
+        view["tokenizer_digest"] = tokenizer_files.files_digest(section.path)
+    return view
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -77,10 +89,11 @@ class Step:
 
 STEPS = (
     Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity),
-    Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",)),
+    Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",), identity=tokenize_identity),
     Step("pretrain", 1, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
          train=lambda s: s.pretrain),
     Step("taskdata", 1, taskdata.run, lambda c: c.task),
+    Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata")),
     Step("finetune", 1, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
          ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
     Step("evaluate", 1, evaluate.run,
@@ -99,16 +112,33 @@ def branch_steps(name: str, ft) -> tuple[Step, Step]:
 
 
 def ensemble_step(branches: list[str]) -> Step:
-    """Averages the label probabilities of the evaluated branches (eval.ensemble)."""
-    return Step("ensemble", 1, ensemble.run, lambda c: EnsembleStepConfig(c.eval, c.task), ("taskdata",),
+    """The evaluated branches (eval.ensemble) as one model: mean label probabilities, or decoding on
+    mean token log-probabilities."""
+    def section(c: Config) -> EnsembleStepConfig:
+        return EnsembleStepConfig(c.eval, c.task, max_length=min(c.finetunes[b].max_length for b in branches))
+
+    return Step("ensemble", 1, ensemble.run, section, ("taskdata",),
                 members=tuple(f"evaluate.{name}" for name in branches))
+
+
+def data_steps(cfg: Config) -> tuple[Step, ...]:
+    """The steps before fine-tuning. With decontaminate.remove, tokenize reads the decontaminate
+    step's verdict, so the task data and decontamination come first; without it the report is a
+    leaf (its metrics and report.json), and decontaminate.enabled=false leaves it out."""
+    steps = {step.name: step for step in STEPS if step.name not in ("finetune", "evaluate")}
+    if not cfg.decontaminate.enabled:
+        del steps["decontaminate"]
+    elif cfg.decontaminate.remove:
+        tokenize_after = dataclasses.replace(steps["tokenize"], deps=("ingest", "decontaminate"))
+        return (steps["ingest"], steps["taskdata"], steps["decontaminate"], tokenize_after, steps["pretrain"])
+    return tuple(steps.values())
 
 
 def steps_for(cfg: Config) -> tuple[Step, ...]:
     """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`."""
+    shared = data_steps(cfg)
     if not cfg.finetunes:
-        return STEPS
-    shared = tuple(step for step in STEPS if step.name not in ("finetune", "evaluate"))
+        return shared + tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))
     branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
     return shared + branches + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
 
@@ -129,29 +159,37 @@ class PlannedStep:
     out_dir: Path
     status: str  # "run" or "cached"
     reason: str
+    in_store: bool = False
+    """Cached only in the step store (paths.store): downloaded when the executor reaches it."""
 
 
-def plan(cfg: Config, root: Path, steps=None) -> list[PlannedStep]:
+def plan(cfg: Config, root: Path, steps=None, store=None) -> list[PlannedStep]:
+    """Per step: cached (here, or in the step store `store`) or run, and why."""
     planned: dict[str, PlannedStep] = {}
     for step in steps or steps_for(cfg):
         section = step.section(cfg)
         view = step.identity(section)
         if step.members:
             section = dataclasses.replace(section, member_dirs={
-                m.split(".", 1)[-1]: str(planned[m].out_dir) for m in step.members})
+                m.split(".", 1)[-1]: str(planned[m].out_dir) for m in step.members}, member_inputs={
+                m.split(".", 1)[-1]: {dep: str(artifacts.step_dir(root, dep, fp)) for dep, fp in planned[m].upstream.items()}
+                for m in step.members})
             view["members"] = {m: planned[m].fingerprint for m in step.members}
         upstream = {planned[dep].step.base: planned[dep].fingerprint for dep in step.deps}
         fp = fingerprint(step, view, upstream)
         out_dir = artifacts.step_dir(root, step.base, fp)
         manifest = artifacts.read_manifest(out_dir)
         problem = artifacts.damage(out_dir, manifest) if manifest else None
+        in_store = not (manifest and not problem) and store is not None and store.manifest(step.base, fp) is not None
         if manifest and not problem:
             status, reason = "cached", "same config and inputs"
+        elif in_store:
+            status, reason = "cached", "same config and inputs, in the step store (paths.store)"
         elif problem:
             status, reason = "run", f"the cached result is damaged ({problem}); recomputing"
         else:
             status, reason = "run", why_run(root, step, view, upstream, out_dir)
-        planned[step.name] = PlannedStep(step, section, view, fp, upstream, out_dir, status, reason)
+        planned[step.name] = PlannedStep(step, section, view, fp, upstream, out_dir, status, reason, in_store)
     return list(planned.values())
 
 
@@ -162,6 +200,8 @@ def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -
         return "an earlier attempt finished training but was not published; publishing it"
     if (artifacts.partial_dir(root, step.base, out_dir.name) / "checkpoints" / "latest").exists():
         return "an earlier attempt stopped; continuing from its last checkpoint"
+    if done := units.progress(artifacts.partial_dir(root, step.base, out_dir.name)):
+        return f"an earlier attempt stopped; {done[0]} of {done[1]} work units done, continuing"
     previous = artifacts.previous_manifests(root, step.base)
     if not previous:
         return "no earlier run"

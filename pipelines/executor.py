@@ -17,7 +17,7 @@ from pathlib import Path
 from conf.schema import Config
 from pipelines import artifacts, locks
 from pipelines.dag import PlannedStep
-from pipelines.redaction import redact
+from pipelines.redaction import redact, redact_text
 from pipelines.tracking import Tracker, error_line
 from tasks.common import Progress, TaskContext, UserError, write_json
 from tasks.training import OWNER_FILE, STOP_FILE
@@ -143,40 +143,53 @@ def check_resources(planned: list[PlannedStep], resources: dict) -> None:
                                 f"the Ray cluster has {resources.get(kind, 0):g}")
 
 
-def ray_map(fn, items: list, ctx: TaskContext | None = None) -> list:
-    """Run fn over items as parallel Ray tasks, with a progress line; results in input order."""
+WAIT_S = 0.5  # ray_map hands over finished results at least this often
+
+
+def ray_map(fn, items: list, ctx: TaskContext | None = None, on_result=None) -> list:
+    """Run fn over items as parallel Ray tasks; results in input order. on_result(index, result) is
+    called here as each task finishes (the caller then shows progress); without it, a generic progress line."""
     import ray
 
     apply = ray.remote(num_cpus=1)(_apply)
-    futures = [apply.remote(fn, item) for item in items]
-    progress = Progress(ctx, len(futures), "parallel tasks") if ctx else None
-    pending = list(futures)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+    fn_ref = ray.put(fn)  # serialised once, not once per task (it may hold a tokenizer)
+    futures = [apply.remote(fn_ref, item) for item in items]
+    index = {ref: i for i, ref in enumerate(futures)}
+    progress = Progress(ctx, len(futures), "parallel tasks") if ctx and on_result is None else None
+    results, pending = [None] * len(futures), list(futures)
+    while pending:  # all that finished within WAIT_S: one wait per task is quadratic in thousands of tasks
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
+        for ref in done:
+            results[index[ref]] = ray.get(ref)
+            if on_result:
+                on_result(index[ref], results[index[ref]])
         if progress:
             progress.update(len(done))
-    return ray.get(futures)
+    return results
 
 
 def _apply(fn, item):
     return fn(item)
 
 
-def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int) -> tuple[dict, str]:
+def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int,
+              work_dir: str) -> tuple[dict, str]:
     import ray
 
-    ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=num_cpus)
-    ctx.parallel_map = lambda fn, items: ray_map(fn, items, ctx)
+    ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=num_cpus, work_dir=Path(work_dir))
+    ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result)
     return step.fn(section, inputs, Path(out_dir), ctx), ray.get_runtime_context().get_node_id()
 
 
-def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict) -> tuple[dict, list]:
-    """The step's metrics, and the Ray node it ran on."""
+def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict,
+                  work_dir: Path) -> tuple[dict, list]:
+    """The step's metrics, and the Ray node it ran on. work_dir outlives a failed attempt (finished work units)."""
     import ray
 
     task = ray.remote(num_cpus=1)(_run_task)
     num_cpus = max(int(resources.get("CPU", 1)), 1)
-    metrics, node_id = ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus))
+    metrics, node_id = ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus,
+                                           str(work_dir)))
     return metrics, [node_id]
 
 
@@ -252,10 +265,13 @@ class StepResult:
 
 
 KEY_METRIC = {"ingest": "docs_kept", "tokenize": "train_tokens", "pretrain": "final_val_ppl",
-              "taskdata": "train_records", "finetune": "final_val_loss", "evaluate": "finetuned_accuracy"}
+              "taskdata": "train_records", "decontaminate": "test_contaminated", "finetune": "final_val_loss",
+              "evaluate": "finetuned_accuracy"}
 
 
-def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict) -> list[StepResult]:
+def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict, store=None) -> list[StepResult]:
+    """Run or reuse each planned step in order; with a step store, download the steps cached only
+    there and upload every result it lacks."""
     results = []
     for index, item in enumerate(planned, start=1):
         name = item.step.name
@@ -264,7 +280,11 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         started = time.monotonic()
         say = lambda message: print(f"[{index}/{len(planned)}] {name}: {message}", flush=True)
         ran = False
-        if item.status == "cached":
+        if item.in_store:
+            with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
+                manifest = store.pull(item.step.base, item.fingerprint, root)
+            say(f"cached ({item.fingerprint}), downloaded from the step store")
+        elif item.status == "cached":
             manifest = artifacts.read_manifest(item.out_dir)
             say(f"cached ({item.fingerprint})")
         else:
@@ -275,6 +295,8 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
                 else:
                     say(f"running, {item.reason}")
                     manifest, ran = run_step(item, inputs, root, resources, tracker, run_id), True
+        if store is not None and store.push(item.out_dir, manifest):
+            say(f"uploaded to the step store {redact_text(store.uri)}")
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
@@ -292,8 +314,9 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
 def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, tracker: Tracker, run_id: str) -> dict:
     log_metrics = tracker.metric_logger(run_id)
     training = item.step.train is not None
+    work_dir = artifacts.partial_dir(root, item.step.base, item.fingerprint)  # kept when an attempt fails
     if training:
-        staging = artifacts.partial_dir(root, item.step.base, item.fingerprint)
+        staging = work_dir
         staging.mkdir(parents=True, exist_ok=True)
     else:
         staging = artifacts.staging_dir(root, item.step.base, item.fingerprint)
@@ -302,7 +325,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         if training:
             metrics, node_ids = run_training_step(item, inputs, staging, log_metrics, root)
         else:
-            metrics, node_ids = run_data_step(item, inputs, staging, log_metrics, resources)
+            metrics, node_ids = run_data_step(item, inputs, staging, log_metrics, resources, work_dir)
     except BaseException as error:
         full = out_of_space(error, staging)
         if not training:  # a training step keeps its checkpoints for the next attempt
@@ -321,4 +344,6 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         "seconds": time.monotonic() - started, "mlflow_run_id": run_id,
         "placement": {"node_ids": node_ids},  # where it ran (Ray node ids); not part of the result
     }
-    return artifacts.publish(staging, item.out_dir, manifest)
+    manifest = artifacts.publish(staging, item.out_dir, manifest)
+    shutil.rmtree(work_dir, ignore_errors=True)  # a data step's finished work units (a training step's moved)
+    return manifest

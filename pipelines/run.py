@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
-from pipelines import artifacts, dag, executor, figures, tracking
+from pipelines import artifacts, dag, executor, figures, store, tracking
 from pipelines.redaction import redact, redact_text
 from pipelines.validate import validate
 from tasks.common import UserError, write_json
@@ -158,9 +158,10 @@ def report_tracking(outcome: dict, uri: str) -> None:
 
 def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
     validate(cfg)  # first: a bad paths.root must not be created
+    step_store = store.open_store(cfg.paths.store)
     root = Path(cfg.paths.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    planned = dag.plan(cfg, root)
+    planned = dag.plan(cfg, root, store=step_store)
     print_plan(planned)
     if cfg.dry_run:
         return {"plan": [{"step": p.step.name, "status": p.status, "reason": p.reason} for p in planned]}
@@ -175,7 +176,7 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         try:
             with executor.STOP:
-                results = executor.execute(planned, root, tracker, resources)
+                results = executor.execute(planned, root, tracker, resources, step_store)
         except BaseException as error:
             with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
                 tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")

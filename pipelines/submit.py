@@ -8,7 +8,7 @@ The cluster is `ray.address=...` or $RAY_ADDRESS: the dashboard (`http://head:82
 address `ray.init` takes. The overrides are composed and validated here first, so a bad one
 fails before anything is sent. The job runs `python -m pipelines.run` with the same overrides in
 a copy of this project (Ray's `working_dir`), joined to the cluster through the RAY_ADDRESS the
-job gets; $LMFORGE_ROOT and $MLFLOW_TRACKING_URI are passed on when set.
+job gets; $LMFORGE_ROOT, $LMFORGE_STORE and $MLFLOW_TRACKING_URI are passed on when set.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pipelines.validate import validate
 from tasks.common import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-PASSED_ENV = ("LMFORGE_ROOT", "MLFLOW_TRACKING_URI")
+PASSED_ENV = ("LMFORGE_ROOT", "LMFORGE_STORE", "MLFLOW_TRACKING_URI")
 # Not uploaded with the code (Ray also leaves out what .gitignore names).
 EXCLUDES = [".venv", ".git", "lmforge_runs", "outputs", "__pycache__", "*.egg-info", ".pytest_cache",
             ".ruff_cache", ".hypothesis"]

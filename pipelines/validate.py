@@ -5,11 +5,12 @@ Each failure is one UserError whose message starts with the config key at fault.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from conf.schema import Config, FinetuneConfig, TrainConfig
-from tasks import augment, earlystop, finetune, taskdata
+from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig
+from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
-from tasks.tokenize import SPECIAL_TOKENS
+from tasks.tokenize import special_tokens
 
 PRECISIONS = ("bf16", "fp32")
 ON_ERROR = ("raise", "skip")
@@ -46,7 +47,7 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
 LOWER_BOUNDS = {
     "hidden_size": 1, "intermediate_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1,
     "max_position_embeddings": 2, "rope_theta": 1, "vocab_size": 1, "min_frequency": 1, "train_sample_bytes": 1,
-    "seq_len": 2, "max_bytes": 0, "min_chars": 0, "docs_per_shard": 1, "docs_per_task": 1, "zero_stage": 0,
+    "seq_len": 2, "max_bytes": 0, "min_chars": 0, "docs_per_shard": 1, "shard_bytes": 0, "docs_per_task": 1, "zero_stage": 0,
     "micro_batch_size": 1, "global_batch_size": 1, "max_steps": 1, "lr": 1e-12, "min_lr_ratio": 0,
     "warmup_steps": 0, "weight_decay": 0, "grad_clip": 0, "eval_every": 1, "eval_batches": 1, "seed": 0,
     "max_skipped_steps": 1, "log_every": 1, "checkpoint_every": 0, "max_failures": 0, "keep_checkpoints": 1,
@@ -59,11 +60,12 @@ LOWER_BOUNDS = {
     "max_doc_chars": 1, "min_mean_word_length": 0, "max_mean_word_length": 0, "max_symbol_ratio": 0,
     "max_digit_ratio": 0, "max_repeated_line_fraction": 0, "max_repeated_ngram_fraction": 0, "repeated_ngram_size": 1,
     "shingle_size": 1, "num_perm": 1, "bands": 1, "band_rows": 1, "jaccard_threshold": 0, "examples_per_reason": 0,
+    "min_language_score": 0, "language_chars": 1, "ngram": 1, "num_tasks": 1,
 }
 # Shares: below 1 (a dropout or sparsity of 1 leaves nothing) or at most 1 (probabilities and rates).
 BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity"}
 AT_MOST_ONE = {"p_delete", "p_swap", "p_insert", "p_synonym", "rate", "max_symbol_ratio", "max_digit_ratio",
-               "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold"}
+               "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold", "min_language_score"}
 MAX_AUGMENTED_COPIES = 100
 
 
@@ -91,19 +93,11 @@ def validate(cfg: Config) -> None:
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     validate_tracking(cfg)
-    check(cfg.data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{cfg.data.on_error}'")
-    weights = cfg.data.weights
-    check(not weights or (len(weights) == len(cfg.data.paths) and min(weights) >= 0 and max(weights) > 0),
-          f"data.weights: one weight >= 0 per data.paths entry ({len(cfg.data.paths)}), not all 0; got {weights}")
-    near = cfg.data.near_dedup
-    check(near.bands * near.band_rows == near.num_perm, f"data.near_dedup.num_perm: must equal bands x band_rows "
-                                                        f"({near.bands} x {near.band_rows}), got {near.num_perm}")
+    validate_data(cfg.data)
+    unknown = [name for name in cfg.decontaminate.sets if name not in taskdata.SPLITS]
+    check(not unknown, f"decontaminate.sets: '{unknown[0] if unknown else ''}' is not a task split {taskdata.SPLITS}")
     tok, model = cfg.tokenizer, cfg.model
-    check(tok.vocab_size >= 256 + len(SPECIAL_TOKENS),
-          f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(SPECIAL_TOKENS)})")
-    check(tok.vocab_size <= 2**32, f"tokenizer.vocab_size: {tok.vocab_size} is too large")
-    check(0 < tok.val_fraction < 1, f"tokenizer.val_fraction: must be within (0, 1), got {tok.val_fraction}")
-    check(tok.seq_len >= 2, f"tokenizer.seq_len: must be at least 2, got {tok.seq_len}")
+    validate_tokenizer(tok)
     check(tok.seq_len <= model.max_position_embeddings,
           f"tokenizer.seq_len: {tok.seq_len} exceeds model.max_position_embeddings ({model.max_position_embeddings})")
     check(model.hidden_size % model.num_heads == 0,
@@ -121,6 +115,22 @@ def validate(cfg: Config) -> None:
     validate_eval(cfg)
 
 
+def validate_data(data: DataConfig) -> None:
+    check(data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{data.on_error}'")
+    weights = data.weights
+    check(not weights or (len(weights) == len(data.paths) and min(weights) >= 0 and max(weights) > 0),
+          f"data.weights: one weight >= 0 per data.paths entry ({len(data.paths)}), not all 0; got {weights}")
+    near = data.near_dedup
+    check(near.bands * near.band_rows == near.num_perm, f"data.near_dedup.num_perm: must equal bands x band_rows "
+                                                        f"({near.bands} x {near.band_rows}), got {near.num_perm}")
+    filters = data.filters
+    for code in filters.languages:
+        check(re.fullmatch(r"[a-z]{2,3}(_[A-Za-z]{4})?", str(code)) is not None,
+              f"data.filters.languages: '{code}' is not a language code of the identifier (ISO 639: en, de, zh, ...)")
+    check(not filters.language_model or Path(filters.language_model).is_file(),
+          f"data.filters.language_model: no such file '{filters.language_model}'")
+
+
 def validate_tracking(cfg: Config) -> None:
     track = cfg.tracking
     check(track.on_unreachable in ON_UNREACHABLE,
@@ -131,6 +141,36 @@ def validate_tracking(cfg: Config) -> None:
           f"tracking.model_alias: '{track.model_alias}' must be a name (letters, digits, '_', '-'), not 'latest' or v<N>")
     check(track.registered_model == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", track.registered_model)
           is not None, f"tracking.registered_model: '{track.registered_model}' must be 1-100 letters, digits, '_', '.' or '-'")
+
+
+def validate_tokenizer(tok: TokenizerConfig) -> None:
+    """A reused tokenizer (tokenizer.path) is loaded now: a missing file, or no EOS or pad token,
+    stops the run here. A trained one: its special tokens and chat template."""
+    check(0 < tok.val_fraction < 1, f"tokenizer.val_fraction: must be within (0, 1), got {tok.val_fraction}")
+    check(tok.seq_len >= 2, f"tokenizer.seq_len: must be at least 2, got {tok.seq_len}")
+    if tok.path:
+        tokenizer_files.load(tok)
+        return
+    for role in ("pad", "bos", "eos"):
+        check(bool(getattr(tok, f"{role}_token")), f"tokenizer.{role}_token: must not be empty")
+    check(all(tok.additional_special_tokens),
+          f"tokenizer.additional_special_tokens: an empty token in {list(tok.additional_special_tokens)}")
+    names = special_tokens(tok)
+    check(tok.vocab_size >= 256 + len(names),
+          f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(names)})")
+    check(tok.vocab_size <= 2**32, f"tokenizer.vocab_size: {tok.vocab_size} is too large")
+    check_template("tokenizer.chat_template", tok.chat_template)
+
+
+def check_template(key: str, template: str) -> None:
+    """A Jinja template from the config parses (sandboxed: it runs no code)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().from_string(template)
+    except TemplateSyntaxError as error:
+        raise UserError(f"{key}: {error.message} (line {error.lineno})") from None
 
 
 def validate_finetune(key: str, cfg: FinetuneConfig, max_positions: int) -> None:
@@ -150,13 +190,7 @@ def validate_task(cfg: Config) -> None:
     check(task.kind == "chat" or "{" + input_field + "}" in task.prompt_template,
           f"task.prompt_template: must contain '{{{input_field}}}' for task.kind={task.kind}")
     if task.kind == "chat":
-        from jinja2 import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        try:
-            ImmutableSandboxedEnvironment().from_string(task.chat_template)
-        except TemplateSyntaxError as error:
-            raise UserError(f"task.chat_template: {error.message} (line {error.lineno})") from None
+        check_template("task.chat_template", task.chat_template)
     unknown = set(task.fields) - set(taskdata.FIELDS[task.kind])
     check(not unknown, f"task.fields: {sorted(unknown)} are not fields of task.kind={task.kind} "
                        f"({', '.join(taskdata.FIELDS[task.kind])})")
@@ -190,7 +224,6 @@ def validate_eval(cfg: Config) -> None:
           "eval.robustness.perturbations: needs task.kind classification or generation")
     members = cfg.eval.ensemble
     if members:
-        check(cfg.task.kind == "classification", "eval.ensemble: averages label probabilities (task.kind=classification)")
         check(len(set(members)) == len(members) >= 2, f"eval.ensemble: needs two or more different branches, got {members}")
         missing = [m for m in members if m not in cfg.finetunes]
         check(not missing, f"eval.ensemble: {missing} are not branches of finetunes ({', '.join(cfg.finetunes) or 'none'})")

@@ -20,8 +20,14 @@ class UserError(Exception):
     """Bad input or configuration. The entry point prints it as one line, without a traceback."""
 
 
-def serial_map(fn: Callable, items: list) -> list:
-    return [fn(item) for item in items]
+def serial_map(fn: Callable, items: list, on_result: Callable[[int, Any], None] | None = None) -> list:
+    """fn over items in this process; on_result(index, result) after each, as `parallel_map` does."""
+    results = []
+    for index, item in enumerate(items):
+        results.append(fn(item))
+        if on_result:
+            on_result(index, results[-1])
+    return results
 
 
 def _no_metrics(metrics: dict, step: int | None = None) -> None:
@@ -33,9 +39,14 @@ class TaskContext:
     """How a task reaches the outside world."""
 
     step_name: str = "task"
-    parallel_map: Callable[[Callable, list], list] = serial_map
+    parallel_map: Callable[..., list] = serial_map
+    """parallel_map(fn, items, on_result=None) -> results in input order; on_result(index, result) is
+    called in this process as each one finishes (in the order they finish)."""
     log_metrics: Callable[..., None] = _no_metrics
     num_cpus: int = 1
+    work_dir: Path | None = None
+    """A data step's working directory for what must survive a failed attempt (finished work units):
+    fixed per fingerprint, kept until the step is published (the executor sets it); None: nothing survives."""
     extra: dict = field(default_factory=dict)
 
     def say(self, message: str) -> None:
@@ -43,22 +54,35 @@ class TaskContext:
 
 
 class Progress:
-    """Periodic progress line with rate and ETA (at most one line per `every_s` seconds)."""
+    """Periodic progress line with rate and ETA (at most one line per `every_s` seconds). `done`: work
+    finished before (a resumed step's), not counted in the rates. Further counters passed to `update`
+    (docs=..., MB=...) are shown as rates too."""
 
-    def __init__(self, ctx: TaskContext, total: int, unit: str, every_s: float = 5.0):
+    def __init__(self, ctx: TaskContext, total: int, unit: str, every_s: float = 5.0, done: int = 0):
         self.ctx, self.total, self.unit, self.every_s = ctx, total, unit, every_s
         self.start = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.done_before = done
+        self.counts: dict[str, float] = {}
 
-    def update(self, n: int = 1, extra: str = "") -> None:
+    def update(self, n: int = 1, extra: str = "", **counts: float) -> None:
         self.done += n
+        for name, value in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
         now = time.monotonic()
         if now - self.last < self.every_s and self.done < self.total:
             return
         self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
+        elapsed = max(now - self.start, 1e-9)
+        rate = (self.done - self.done_before) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        self.ctx.say(f"{self.done}/{self.total} {self.unit} {rate:,.1f}/s eta {format_seconds(eta)} {extra}".rstrip())
+        rates = "".join(f" {format_rate(value / elapsed)} {name}/s" for name, value in self.counts.items())
+        self.ctx.say(f"{self.done}/{self.total} {self.unit} {format_rate(rate)}/s{rates} eta {format_seconds(eta)} "
+                     f"{extra}".rstrip())
+
+
+def format_rate(rate: float) -> str:
+    """1,394,141 or 7.6: decimals only where they matter."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -87,10 +111,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_files(directory: Path, skip: str) -> dict[str, dict]:
-    """Every file below directory (but `skip`) with its size and SHA-256."""
+def record_files(directory: Path, skip: str = "", names: Iterable[str] | None = None) -> dict[str, dict]:
+    """Every file below directory (but `skip`), or only those `names`, with its size and SHA-256."""
+    paths = sorted(directory.rglob("*")) if names is None else [directory / name for name in names]
     return {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != skip}
+            for path in paths if path.is_file() and path.name != skip}
 
 
 def files_problem(directory: Path, files: dict[str, dict]) -> str | None:
@@ -125,11 +150,11 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     return count
 
 
-def iter_jsonl(path, lines: Iterable[bytes] | None = None) -> Iterable[tuple[int, Any]]:
+def iter_jsonl(path, lines: Iterable[bytes] | None = None, first_line: int = 1) -> Iterable[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a local file (or of `lines`, read
-    from elsewhere); UserError names the file and line."""
+    from elsewhere, whose first line is the file's line `first_line`); UserError names the file and line."""
     with contextlib.nullcontext(lines) if lines is not None else open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(fh, start=first_line):
             if not raw.strip():
                 continue
             try:

@@ -102,17 +102,22 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> li
 
 def generation_scores(model, tokenizer, records: list[dict], task: TaskConfig, max_length: int,
                       max_new_tokens: int, progress: Progress) -> tuple[dict, list[str]]:
-    from sacrebleu.metrics import CHRF
-
     outputs = []
     for record in records:
         ids, start = encode_example(tokenizer, record, task, max_length)
         outputs.append(tokenizer.decode(generate(model, tokenizer, ids[:start], max_new_tokens),
                                         skip_special_tokens=True).strip())
         progress.update()
-    gold = [target_of(r, task.kind).strip() for r in records]
+    return generation_metrics(outputs, records, task.kind), outputs
+
+
+def generation_metrics(outputs: list[str], records: list[dict], kind: str) -> dict:
+    """Exact match and corpus chrF of generated answers against the records' targets."""
+    from sacrebleu.metrics import CHRF
+
+    gold = [target_of(r, kind).strip() for r in records]
     chrf = CHRF().corpus_score(outputs, [gold]).score
-    return {"exact_match": sum(o == g for o, g in zip(outputs, gold)) / len(gold), "chrf": chrf}, outputs
+    return {"exact_match": sum(o == g for o, g in zip(outputs, gold)) / len(gold), "chrf": chrf}
 
 
 def scoring_runs(models: dict, test: list[dict], cfg: EvaluateStepConfig) -> list[tuple[str, object, TaskConfig, list]]:

@@ -1,8 +1,11 @@
 """ingest: corpus files (and Python's own text) -> normalised, filtered, deduplicated Parquet shards.
 
-Parallel tasks read (tasks/sources.py), normalise and filter (tasks/quality.py) chunks of
-sources and compute MinHash signatures; then, over the whole corpus in source order (so the
-output does not depend on the number of workers), exact duplicates and, with
+The corpus is cut into work units of about data.shard_bytes of input (tasks/units.py: small files
+grouped, large JSONL and Parquet files split), decided by the sources alone. One parallel task per
+unit reads (tasks/sources.py), normalises and filters (tasks/quality.py) its documents and computes
+MinHash signatures, and keeps its result in the step's work directory, so a rerun after a crash
+computes only the units not finished yet. Then, over the whole corpus in source order (so the
+output does not depend on the unit size or the number of workers), exact duplicates and, with
 data.near_dedup.enabled, near-duplicates (tasks/dedup.py) are dropped and the per-source
 weights applied (tasks/mixing.py). Every input document is accounted for: docs_in = docs_kept +
 sum of dropped_* counts, with a few dropped documents per reason in dropped_examples.jsonl and
@@ -23,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.schema import DataConfig
-from tasks import dedup, mixing, quality
+from tasks import dedup, mixing, quality, units
 from tasks.common import TaskContext, UserError, hash_fraction, stable_hash, write_json, write_jsonl
-from tasks.sources import Source, find_sources, read_source
+from tasks.sources import Part, Source, find_sources, read_part
 
 SHARD_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -119,47 +122,51 @@ def drop_reason(text: str, cfg: DataConfig) -> str | None:
     return quality.failed_filter(text, cfg.filters)
 
 
-def process_sources(sources: list[Source], cfg: DataConfig) -> dict:
-    """Read, normalise and filter a chunk of sources, and sign the survivors for near-dedup (one parallel task)."""
-    docs, quarantined, docs_in = [], [], 0
-    dropped, examples = dict.fromkeys(REASONS, 0), {reason: [] for reason in REASONS}
-    for source in sources:
-        try:
-            raw_docs = read_source(source, cfg.text_field)
-        except UserError as exc:
-            if cfg.on_error != "skip":
-                raise
-            quarantined.append({"source": source.key, "error": str(exc)})
+def process_unit(unit: units.Unit, cfg: DataConfig) -> tuple[list[dict], np.ndarray | None]:
+    """One parallel task: each part's results, and the MinHash signatures of the documents kept (near-dedup on)."""
+    parts = [process_part(part, cfg) for part in unit.parts]
+    texts = [doc.text for part in parts for doc in part["docs"]]
+    return parts, dedup.signatures(texts, cfg.near_dedup) if cfg.near_dedup.enabled else None
+
+
+def process_part(part: Part, cfg: DataConfig) -> dict:
+    """Read, normalise and filter one part (a file, or a piece of one): the documents kept, counts and
+    examples by drop reason; an unreadable file is an error, or (data.on_error=skip) recorded as one."""
+    result = {"source": part.source.key, "docs": [], "docs_in": 0, "error": None, "lines": 0,
+              "dropped": dict.fromkeys(REASONS, 0), "examples": {reason: [] for reason in REASONS}}
+    try:
+        raw_docs, result["lines"] = read_part(part, cfg.text_field)
+    except UserError as exc:
+        if cfg.on_error != "skip":
+            raise
+        return {**result, "error": str(exc)}
+    dropped, examples = result["dropped"], result["examples"]
+    for source_id, raw in raw_docs:
+        result["docs_in"] += 1
+        text = normalize(raw)
+        reason = drop_reason(text, cfg)
+        if reason is None:
+            result["docs"].append(mixing.Doc(stable_hash(text), text, source_id, part.source.key))
             continue
-        for source_id, raw in raw_docs:
-            docs_in += 1
-            text = normalize(raw)
-            reason = drop_reason(text, cfg)
-            if reason is None:
-                docs.append(mixing.Doc(stable_hash(text), text, source_id, source.key))
-                continue
-            dropped[reason] += 1
-            if len(examples[reason]) < cfg.examples_per_reason:
-                examples[reason].append(example(reason, source_id, text or raw))
-    sigs = dedup.signatures([doc.text for doc in docs], cfg.near_dedup) if cfg.near_dedup.enabled else None
-    return {"docs": docs, "dropped": dropped, "examples": examples, "quarantined": quarantined,
-            "docs_in": docs_in, "signatures": sigs}
+        dropped[reason] += 1
+        if len(examples[reason]) < cfg.examples_per_reason:
+            examples[reason].append(example(reason, source_id, text or raw))
+    return result
 
 
 def example(reason: str, source_id: str, text: str, **extra) -> dict:
     return {"reason": reason, "source": source_id, "chars": len(text), "text": text[:EXAMPLE_CHARS], **extra}
 
 
-def _chunks(sources: list[Source], num_chunks: int) -> list[list[Source]]:
-    size = max(1, -(-len(sources) // max(num_chunks, 1)))
-    return [sources[i : i + size] for i in range(0, len(sources), size)]
-
-
 def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     sources = list_sources(cfg)
-    ctx.say(f"{len(sources)} sources, {sum(s.size for s in sources) / 1e6:.1f} MB")
-    results = ctx.parallel_map(lambda chunk: process_sources(chunk, cfg), _chunks(sources, ctx.num_cpus * 4))
-    merged = merge_results(results, cfg.examples_per_reason)  # in source order: independent of the chunking
+    plan = units.plan(sources, cfg.shard_bytes)
+    ctx.say(f"{len(sources)} sources, {sum(s.size for s in sources) / 1e6:.1f} MB, in {len(plan)} work units "
+            f"of up to {units.unit_bytes(sources, cfg.shard_bytes) / 1e6:.2f} MB")
+    with units.work_area(ctx.work_dir) as work_dir:
+        results, reused = units.run_units(plan, lambda unit: process_unit(unit, cfg), work_dir, ctx)
+    parts = units.whole_files([part for unit_parts in results for part in unit_parts])
+    merged = merge_results(parts, cfg.examples_per_reason)  # in source order: independent of the units
     kept, dropped, examples = merged["kept"], merged["dropped"], merged["examples"]
     if cfg.near_dedup.enabled:
         kept = remove_near_duplicates(kept, merged["signatures"], cfg, dropped, examples)
@@ -180,6 +187,7 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
         "docs_written": len(kept) + len(repeats), "bytes_written": sum(g["bytes_written"] for g in mixture),
         "files_quarantined": len(quarantined), **{f"dropped_{reason}": count for reason, count in dropped.items()},
         **{f"mix_share_{g['group']}": g["share"] for g in mixture},
+        "units_total": len(plan), "units_reused": reused,  # how the work was cut and resumed, not the result
     }
     assert docs_in == len(kept) + sum(dropped.values()), "document accounting does not add up"
     ctx.say(f"kept {len(kept)} of {docs_in} documents; dropped {({k: v for k, v in dropped.items() if v})}; "
@@ -188,13 +196,15 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
 
 
 def merge_results(results: list[dict], examples_per_reason: int) -> dict:
-    """Sum the chunks' counts and drop exact duplicates (same normalised text) across all of them."""
+    """Sum the parts' counts (in corpus order) and drop exact duplicates (same normalised text) across all of them."""
     first_source: dict[str, str] = {}
     kept, signatures, quarantined, docs_in = [], [], [], 0
     dropped, examples = dict.fromkeys(REASONS, 0), {reason: [] for reason in REASONS}
     for result in results:
+        if result["error"] is not None:
+            quarantined.append({"source": result["source"], "error": result["error"]})
+            continue
         docs_in += result["docs_in"]
-        quarantined += result["quarantined"]
         for reason in REASONS:
             dropped[reason] += result["dropped"][reason]
             examples[reason] += result["examples"][reason][: examples_per_reason - len(examples[reason])]

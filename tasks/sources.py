@@ -8,8 +8,13 @@ and Hugging Face datasets saved with `save_to_disk` (a directory with state.json
 IPC stream files, read with pyarrow: no `datasets` dependency). A file that cannot be read is a
 UserError that names it and the problem.
 
+A `Part` is what one work unit of the ingest step reads (tasks/units.py): a whole source, the
+lines that start in a byte range of an uncompressed JSONL file, or a run of row groups of a
+Parquet file; pieces read through the same pyarrow filesystem as whole files.
+
     find_sources(pattern, key) -> [Source]
     read_source(source, text_field) -> [(source id, raw text)]
+    read_part(part, text_field) -> ([(source id, raw text)], lines of a JSONL range)
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet", ".csv", ".tsv", ".arrow"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
 HF_STATE = "state.json"  # what `datasets.Dataset.save_to_disk` leaves beside its Arrow files
+SCAN_BYTES = 1 << 16  # read at a time when looking for the end of a line
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,22 @@ class Source:
     key: str
     size: int
     mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Part:
+    """A source or a piece of one: with stop > 0, bytes [start, stop) of an uncompressed JSONL file
+    (the lines that start there) or row groups [start, stop) of a Parquet file."""
+
+    source: Source
+    size: int
+    """Input bytes it stands for."""
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.stop == 0
 
 
 def split_suffix(path: str) -> tuple[str, str | None]:
@@ -129,6 +151,85 @@ def read_source(source: Source, text_field: str) -> list[tuple[str, str]]:
         raise UserError(f"{path}: cannot read ({describe(exc)})") from None
 
 
+def read_part(part: Part, text_field: str) -> tuple[list[tuple[str, str]], int]:
+    """(source id, raw text) of each document of a part, and for a JSONL range the number of lines it
+    owns (0 otherwise). A range's source ids count lines from its own first line (which line of the
+    file that is depends on the ranges before it: tasks/units.py shifts them); its errors name the
+    file's own line."""
+    if part.whole:
+        return read_source(part.source, text_field), 0
+    path = part.source.key
+    try:
+        if split_suffix(path)[0] == ".parquet":
+            return read_row_groups(path, part.start, part.stop, text_field), 0
+        return read_jsonl_range(path, part.start, part.stop, text_field)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read ({describe(exc)})") from None
+
+
+def read_jsonl_range(path: str, start: int, stop: int, text_field: str) -> tuple[list[tuple[str, str]], int]:
+    """The documents on the lines that start in bytes [start, stop) (the last one read to its end),
+    numbered from 1, and how many lines that is."""
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as file:
+        begin, end = line_start(file, start), line_start(file, stop)
+        data = file.read_at(end - begin, begin) if begin < stop else b""
+        try:
+            docs = read_jsonl(path, data, text_field)
+        except UserError:  # name the file's own line: count the lines before the range (only now)
+            read_jsonl(path, data, text_field, first_line=count_newlines(file, begin) + 1)
+            raise
+    return docs, data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def line_start(file: pa.NativeFile, position: int) -> int:
+    """Where the first line that starts at or after `position` begins (the file size if none does)."""
+    if position <= 0:
+        return 0
+    size, offset = file.size(), position - 1  # a line starts at `position` if a newline ends the one before
+    while offset < size:
+        block = file.read_at(min(SCAN_BYTES, size - offset), offset)
+        if (found := block.find(b"\n")) >= 0:
+            return offset + found + 1
+        offset += len(block)
+    return size
+
+
+def count_newlines(file: pa.NativeFile, end: int) -> int:
+    """Newlines in the file's first `end` bytes."""
+    count, offset = 0, 0
+    while offset < end:
+        block = file.read_at(min(1 << 24, end - offset), offset)
+        count, offset = count + block.count(b"\n"), offset + len(block)
+    return count
+
+
+def parquet_row_group_bytes(path: str) -> list[int]:
+    """Compressed bytes of each row group of a Parquet file (from its footer)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as file:
+        meta = pq.ParquetFile(file).metadata
+        return [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+                for g in range(meta.num_row_groups)]
+
+
+def read_row_groups(path: str, start: int, stop: int, text_field: str) -> list[tuple[str, str]]:
+    """Rows of row groups [start, stop) of a Parquet file, numbered as in the whole file."""
+    import pyarrow.parquet as pq
+
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as file:
+        parquet = pq.ParquetFile(file)
+        if text_field not in parquet.schema_arrow.names:
+            raise UserError(f"{path}: no column '{text_field}' (data.text_field); "
+                            f"columns: {parquet.schema_arrow.names}")
+        first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(start))
+        table = parquet.read_row_groups(list(range(start, stop)), columns=[text_field])
+    return column_docs(path, table, text_field, first_row)
+
+
 def describe(exc: Exception) -> str:
     """The first line of an exception's message (OSErrors: the text of their errno), for a one-line error."""
     if isinstance(exc, OSError) and exc.errno:  # pyarrow's strerror repeats the path
@@ -155,9 +256,9 @@ def source_encoding(path: str, data: bytes, strict: bool = True) -> str:
         return "Python source encoding"
 
 
-def read_jsonl(path: str, data: bytes, text_field: str) -> list[tuple[str, str]]:
+def read_jsonl(path: str, data: bytes, text_field: str, first_line: int = 1) -> list[tuple[str, str]]:
     docs = []
-    for lineno, record in iter_jsonl(path, io.BytesIO(data)):
+    for lineno, record in iter_jsonl(path, io.BytesIO(data), first_line):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise UserError(f"{path}:{lineno}: no string field '{text_field}' (data.text_field)")
         docs.append((f"{path}:{lineno}", record[text_field]))
@@ -189,11 +290,12 @@ def read_table_file(path: str, suffix: str, text_field: str) -> list[tuple[str, 
         return column_docs(path, pa.ipc.open_stream(stream).read_all(), text_field)
 
 
-def column_docs(path: str, table: pa.Table, text_field: str) -> list[tuple[str, str]]:
-    """(path:row, text) of each row; a missing or non-text column is a UserError. Nulls read as ''."""
+def column_docs(path: str, table: pa.Table, text_field: str, first_row: int = 0) -> list[tuple[str, str]]:
+    """(path:row, text) of each row (the table's first being row first_row of the file); a missing or
+    non-text column is a UserError. Nulls read as ''."""
     if text_field not in table.column_names:
         raise UserError(f"{path}: no column '{text_field}' (data.text_field); columns: {table.column_names}")
     column = table.column(text_field)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise UserError(f"{path}: column '{text_field}' (data.text_field) holds {column.type}, not text")
-    return [(f"{path}:{i}", text or "") for i, text in enumerate(column.to_pylist())]
+    return [(f"{path}:{i}", text or "") for i, text in enumerate(column.to_pylist(), start=first_row)]

@@ -22,6 +22,7 @@ from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, read
 
 FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "val", "test")
 SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 
 

@@ -1,5 +1,7 @@
 """One pretrained model, several fine-tuning methods: the DAG branches and one table compares
-them; a Hydra multirun sweep shares the upstream steps (they run once)."""
+them, with the issue-8 techniques switched on (tiny_techniques: regularisation, FGM, augmentation,
+early stopping, robustness, int8 + pruning, an ensemble step); a Hydra multirun sweep shares the
+upstream steps (they run once)."""
 from __future__ import annotations
 
 import json
@@ -22,9 +24,10 @@ def pipeline(root, experiment, *overrides):
 
 
 def test_branches_share_pretraining_and_are_compared_in_one_table(tmp_path):
-    proc, summary = pipeline(tmp_path, "tiny_compare")
+    proc, summary = pipeline(tmp_path, "tiny_techniques")
     assert statuses(summary) == {name: "ran" for name in (
-        "ingest", "tokenize", "pretrain", "taskdata", "finetune.lora", "evaluate.lora", "finetune.full", "evaluate.full")}
+        "ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune.lora", "evaluate.lora",
+        "finetune.full", "evaluate.full", "ensemble")}
     table = proc.stdout.split("fine-tuning branches against the baselines")[1]
     for row in ("majority", "untuned", "lora", "full"):
         assert f"\n  {row} " in table
@@ -39,11 +42,27 @@ def test_branches_share_pretraining_and_are_compared_in_one_table(tmp_path):
     parent = client.get_run(summary["run_id"])
     assert {"lora.finetuned_accuracy", "full.finetuned_accuracy"} <= set(parent.data.metrics)
 
-    _, again = pipeline(tmp_path, "tiny_compare")
+    techniques_were_applied(steps)
+
+    _, again = pipeline(tmp_path, "tiny_techniques")
     assert set(statuses(again).values()) == {"cached"}
     plan = pipeline(tmp_path, "tiny", "dry_run=true")[0].stdout  # the single-method experiment shares them
-    for name in ("ingest", "tokenize", "pretrain", "taskdata"):
+    for name in ("ingest", "tokenize", "pretrain", "taskdata", "decontaminate"):
         assert re.search(rf"\n  {name}\s+cached ", plan), plan
+
+
+def techniques_were_applied(steps: dict) -> None:
+    """What each switched-on technique leaves in the metrics of a real run."""
+    tuned, judged = steps["finetune.lora"]["metrics"], steps["evaluate.lora"]["metrics"]
+    assert tuned["augmented_examples"] > 0 and 0 < tuned["best_step"] <= tuned["last_step"]
+    for perturbation in ("typos", "casing", "deleted_words"):
+        assert 0 <= judged[f"robust_{perturbation}_accuracy"] <= 1
+    assert 0 < judged["int8_mb"] < judged["served_mb"] and judged["int8_tokens_per_s"] > 0
+    assert judged["int8_accuracy_delta"] == judged["int8_accuracy"] - judged["finetuned_accuracy"]
+    ensemble = steps["ensemble"]["metrics"]
+    assert ensemble["lora_accuracy"] == judged["finetuned_accuracy"]
+    assert ensemble["full_accuracy"] == steps["evaluate.full"]["metrics"]["finetuned_accuracy"]
+    assert 0 <= ensemble["ensemble_accuracy"] <= 1
 
 
 def test_multirun_sweep_runs_upstream_steps_once(tmp_path):
@@ -57,7 +76,8 @@ def test_multirun_sweep_runs_upstream_steps_once(tmp_path):
     for summary in summaries:
         for name, status in statuses(summary).items():
             ran[name] = ran.get(name, 0) + (status == "ran")
-    assert ran == {"ingest": 1, "tokenize": 1, "pretrain": 1, "taskdata": 1, "finetune": 2, "evaluate": 2}
+    assert ran == {"ingest": 1, "tokenize": 1, "pretrain": 1, "taskdata": 1, "decontaminate": 1, "finetune": 2,
+                   "evaluate": 2}
     runs = {s["run_id"] for s in summaries}
     assert len(runs) == 2  # one MLflow parent run per sweep value
     params = [mlflow_client(tmp_path).get_run(r).data.params["finetune.lora.r"] for r in runs]

@@ -31,7 +31,7 @@ from tests.integration.test_resume import free_port
 
 pytestmark = pytest.mark.e2e
 
-STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 RAY = str(Path(sys.executable).parent / "ray")
 
 

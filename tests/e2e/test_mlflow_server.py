@@ -19,7 +19,7 @@ from pipelines import artifacts
 from tests.conftest import REPO
 from tests.integration.test_resume import free_port
 
-STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 
 
 class Server:

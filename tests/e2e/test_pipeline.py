@@ -13,7 +13,7 @@ import torch
 from pipelines import artifacts
 from tests.conftest import REPO
 
-STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,14 @@ def mlflow_client(root):
 
 
 @pytest.fixture(scope="module")
-def first_run(root):
-    return pipeline(root)
+def store_uri(root):
+    """A step store (paths.store) as a file:// URI: the same pyarrow.fs code path as s3:// or gs://."""
+    return (root.parent / f"{root.name}-store").as_uri()
+
+
+@pytest.fixture(scope="module")
+def first_run(root, store_uri):
+    return pipeline(root, f"paths.store={store_uri}")
 
 
 def test_first_run_writes_every_step_and_reports(first_run, root):
@@ -101,6 +107,21 @@ def test_immediate_rerun_is_all_cached(first_run, root):
     proc, summary = pipeline(root)
     assert statuses(summary) == {name: "cached" for name in STEPS}
     assert proc.stdout.count(": cached (") == len(STEPS)
+
+
+def test_another_root_takes_every_step_from_the_store(first_run, root, store_uri, tmp_path):
+    """A fresh machine or cluster (another paths.root) with the same store computes nothing: each
+    step is downloaded, checked against its manifest and used, byte for byte the same."""
+    assert first_run[0].stdout.count("uploaded to the step store") == len(STEPS)
+    elsewhere = tmp_path / "elsewhere"
+    proc, summary = pipeline(elsewhere, f"paths.store={store_uri}")
+    assert statuses(summary) == {name: "cached" for name in STEPS}
+    assert proc.stdout.count("downloaded from the step store") == len(STEPS)
+    assert "uploaded to the step store" not in proc.stdout
+    for step in summary["steps"]:
+        here = artifacts.read_manifest(root / step["name"] / step["fingerprint"])
+        assert artifacts.read_manifest(elsewhere / step["name"] / step["fingerprint"]) == here
+        assert not artifacts.damage(elsewhere / step["name"] / step["fingerprint"], here)
 
 
 def test_changed_lora_rank_reruns_only_finetune_and_evaluate(first_run, root):

@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TESTS = [
     "tests/faults/test_random_kills.py",
+    "tests/faults/test_ingest_kill.py",
     "tests/e2e/test_crash_resume.py",
     "tests/faults/test_concurrent_launches.py",
     "tests/faults/test_disk_full.py",

@@ -29,7 +29,7 @@ def test_two_launches_run_each_step_once(tmp_path, fault_table):
     for summary in summaries:
         for step in summary["steps"]:
             ran[step["name"]] = ran.get(step["name"], 0) + (step["status"] == "ran")
-    assert ran == dict.fromkeys(("ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"), 1)
+    assert ran == dict.fromkeys(("ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"), 1)
     assert any("finished by another launch meanwhile" in out for out in outputs)
     assert not list(tmp_path.glob("*/.lock-*"))  # every lock released
     fingerprints = [{s["name"]: s["fingerprint"] for s in summary["steps"]} for summary in summaries]

@@ -15,7 +15,7 @@ import pytest
 from pipelines import artifacts
 from tests.conftest import REPO
 
-STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conf.schema import TaskConfig
-from tasks import ingest, taskdata
+from tasks import sources, taskdata
 from tasks.common import UserError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,7 +66,7 @@ def test_task_reader_survives_arbitrary_json_records(records, kind):
 def test_corpus_reader_survives_arbitrary_bytes(suffix, data):
     path = written(suffix, data)
     try:
-        docs = ingest.read_source(ingest.Source("file", str(path), len(data)), "text")
+        docs = sources.read_source(sources.Source("file", str(path), len(data)), "text")
     except UserError as error:
         assert str(path) in str(error)
         return
@@ -78,7 +78,7 @@ def test_corpus_reader_survives_arbitrary_bytes(suffix, data):
 def test_corpus_reader_survives_arbitrary_json_records(records):
     path = written(".jsonl", "\n".join(json.dumps(r) for r in records).encode())
     try:
-        docs = ingest.read_source(ingest.Source("file", str(path), 0), "text")
+        docs = sources.read_source(sources.Source("file", str(path), 0), "text")
     except UserError as error:
         assert str(path) in str(error)
         return

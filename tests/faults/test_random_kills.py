@@ -18,13 +18,14 @@ from pipelines import artifacts
 from tests.conftest import REPO
 from tests.e2e.test_crash_resume import wait_for_step
 
-STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "finetune", "evaluate"]
+STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 # Pretraining long enough that a killed driver's Ray workers, which go on for a few seconds
 # (about 40 tiny steps here), stop before they finish; checkpoints every 10 steps.
 OVERRIDES = ["ray.num_cpus=2", "pretrain.max_steps=120", "pretrain.checkpoint_every=10", "pretrain.eval_every=40",
              "finetune.max_steps=8", "finetune.checkpoint_every=2"]
 TIMING = {"seconds", "train_seconds", "tokens_per_s", "served_tokens_per_s", "mfu", "memory_gb", "time",
-          "elapsed_s", "eta_s", "samples_per_s", "tokens_per_second", "step_seconds"}
+          "elapsed_s", "eta_s", "samples_per_s", "tokens_per_second", "step_seconds",
+          "units_reused"}  # ingest work units an earlier, killed attempt finished
 NUM_KILLS = 5
 
 

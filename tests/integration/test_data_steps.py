@@ -1,6 +1,7 @@
 """ingest, tokenize and taskdata for real on tiny inputs (serial map: no Ray needed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from conf.schema import DataConfig, NearDedupConfig, TaskConfig, TokenizerConfig
 from tasks import ingest, taskdata, tokenize
-from tasks.common import TaskContext, UserError
+from tasks.common import TaskContext, UserError, serial_map
 
 
 def run_ingest(cfg, out_dir, num_cpus=1):
@@ -77,7 +78,7 @@ def test_tokenize_trains_encodes_packs_and_splits(tmp_path):
     metrics = tokenize.run(cfg, {"ingest": ingest_dir}, out, TaskContext("tokenize"))
 
     hf = tokenize.load_tokenizer(out / "tokenizer")
-    assert len(hf) == 600 and hf.eos_token == tokenize.EOS and hf.pad_token == tokenize.PAD
+    assert len(hf) == 600 and hf.eos_token == cfg.eos_token and hf.pad_token == cfg.pad_token
     assert hf.decode(hf.encode("def f(x):\n    return x", add_special_tokens=False)) == "def f(x):\n    return x"
     train, val = tokenize.load_split(out, "train"), tokenize.load_split(out, "val")
     assert train.dtype == np.uint16 and train.shape[1] == 32 and metrics["train_tokens"] == train.size
@@ -104,7 +105,7 @@ def test_taskdata_splits_user_records(tmp_path):
     assert taskdata.load_labels(out) == ["a", "b"]
 
 
-def test_filters_and_dedup_account_for_every_document(tmp_path, monkeypatch):
+def test_filters_and_dedup_account_for_every_document(tmp_path):
     from tests.unit.test_quality import FAILING, prose
 
     corpus = tmp_path / "corpus"
@@ -117,18 +118,19 @@ def test_filters_and_dedup_account_for_every_document(tmp_path, monkeypatch):
     for i, texts in enumerate(files):
         (corpus / f"part{i}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     cfg = DataConfig(paths=[f"{corpus}/*.jsonl"], near_dedup=NearDedupConfig(enabled=True))
-    chunk_counts = []
-    ctx = TaskContext("ingest", parallel_map=lambda fn, items: chunk_counts.append(len(items)) or [fn(i) for i in items])
+    unit_counts = []
+    ctx = TaskContext("ingest", parallel_map=lambda fn, items, on_result=None:
+                      unit_counts.append(len(items)) or serial_map(fn, items, on_result))
     (tmp_path / "many").mkdir()
-    metrics = ingest.run(cfg, {}, tmp_path / "many", ctx)
-    monkeypatch.setattr(ingest, "_chunks", lambda sources, n: [sources])
-    run_ingest(cfg, tmp_path / "one")
+    metrics = ingest.run(dataclasses.replace(cfg, shard_bytes=500), {}, tmp_path / "many", ctx)  # files split
+    one = run_ingest(cfg, tmp_path / "one")  # all in one unit
 
     dropped = {k.removeprefix("dropped_"): v for k, v in metrics.items() if k.startswith("dropped_") and v}
     assert dropped == {"empty": 1, "duplicate": 1, "near_duplicate": 1, "digit_ratio": 1, "repeated_lines": 1,
                        "symbol_ratio": 1, "mean_word_length": 1, "repeated_ngrams": 1}
     assert metrics["docs_in"] == 12 == metrics["docs_kept"] + sum(dropped.values())
-    assert chunk_counts == [3] and shard_rows(tmp_path / "one") == shard_rows(tmp_path / "many")
+    assert unit_counts[0] == metrics["units_total"] > len(files) and one["units_total"] == 1
+    assert shard_rows(tmp_path / "one") == shard_rows(tmp_path / "many")
     examples = [json.loads(line) for line in (tmp_path / "many" / "dropped_examples.jsonl").read_text().splitlines()]
     assert {e["reason"] for e in examples} == set(dropped)
     near = next(e for e in examples if e["reason"] == "near_duplicate")

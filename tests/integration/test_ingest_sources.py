@@ -140,3 +140,18 @@ def test_reader_survives_arbitrary_bytes(tmp_path, suffix):
         assert all(isinstance(text, str) for _, text in docs)
 
     check()
+
+
+def test_language_filter_in_ingest_is_counted(tmp_path):
+    """Documents of other languages are dropped as 'language' and the accounting still adds up."""
+    from tests.unit.test_quality import LANGUAGES
+
+    (tmp_path / "mixed.jsonl").write_bytes(jsonl_bytes([f"{text} ({i})" for i in range(3) for text in LANGUAGES.values()]))
+    cfg = DataConfig(paths=[str(tmp_path / "mixed.jsonl")])
+    cfg.filters.languages = ["en"]
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = ingest.run(cfg, {}, out, TaskContext())
+    assert (metrics["docs_in"], metrics["docs_kept"], metrics["dropped_language"]) == (12, 3, 9)
+    dropped = [json.loads(line) for line in (out / "dropped_examples.jsonl").read_text().splitlines()]
+    assert {d["reason"] for d in dropped} == {"language"} and len(dropped) == cfg.examples_per_reason

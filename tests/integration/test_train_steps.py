@@ -50,7 +50,7 @@ def test_pretrain_logs_and_exports_a_loadable_model(steps):
     assert metrics["num_parameters"] > 0 and metrics["final_val_ppl"] > 1
     assert 0 < metrics["mfu"] < 1 and metrics["memory_gb"] > 0 and metrics["flops_per_token"] > 0
     model = AutoModelForCausalLM.from_pretrained(dirs["pretrain"] / "model")
-    assert AutoTokenizer.from_pretrained(dirs["pretrain"] / "model").eos_token == tokenize.EOS
+    assert AutoTokenizer.from_pretrained(dirs["pretrain"] / "model").eos_token == cfg.tokenizer.eos_token
     assert model.config.num_hidden_layers == cfg.model.num_layers
 
 

@@ -21,6 +21,8 @@ def test_every_group_option_composes(group, option, tmp_path):
         overrides.append(f"data.paths=[{tmp_path}/*.txt]")
     if (group, option) == ("task", "jsonl"):
         overrides.append(f"task.train_path={tmp_path}/train.jsonl")
+    if (group, option) == ("tokenizer", "pretrained"):
+        overrides.append(f"tokenizer.path={tmp_path}/tokenizer.json")
     cfg = compose_config(overrides)
     assert isinstance(cfg, Config)
 
@@ -51,6 +53,8 @@ def test_wrong_type_is_rejected():
     ("pretrain.precision=fp8", "pretrain.precision"),
     ("task.prompt_template=no-placeholder", "task.prompt_template"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
+    ("tokenizer.eos_token=''", "tokenizer.eos_token"),
+    ("tokenizer.chat_template='{% for m in messages %}'", "tokenizer.chat_template"),
     ("experiment_name=../../etc", "experiment_name"),
     ("pretrain.on_nonfinite=ignore", "pretrain.on_nonfinite"),
     ("+task.fields.answer=category", "task.fields"),

@@ -41,14 +41,15 @@ def test_plan_says_cached_and_why_it_runs(tiny_cfg, tmp_path):
     first = {p.step.name: p for p in dag.plan(tiny_cfg, root)}
     assert all(p.status == "run" and p.reason == "no earlier run" for p in first.values())
 
-    for name in ("ingest", "tokenize", "pretrain", "taskdata", "finetune"):  # pretend they finished
+    for name in ("ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune"):  # pretend they finished
         p = first[name]
         staging = artifacts.staging_dir(root, name, p.fingerprint)
         artifacts.publish(staging, p.out_dir, {"config": p.view, "upstream": p.upstream, "finished_at": 1.0})
     lora = dataclasses.replace(tiny_cfg.finetune.lora, r=2)
     second = {p.step.name: p for p in dag.plan(
         dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, lora=lora)), root)}
-    assert [n for n, p in second.items() if p.status == "cached"] == ["ingest", "tokenize", "pretrain", "taskdata"]
+    assert [n for n, p in second.items() if p.status == "cached"] == \
+        ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate"]
     assert second["finetune"].reason == "config changed (finetune.lora.r: 16 -> 2)"
     assert second["evaluate"].reason == "no earlier run"
 
@@ -98,3 +99,21 @@ def test_damaged_step_directory_is_detected_and_recomputed(tiny_cfg, tmp_path, f
     assert "_manifest.json was edited" in dag.plan(tiny_cfg, tmp_path)[0].reason
     fault_table("step directory damaged on disk", "same-size altered bytes; truncated file; grown file; edited manifest",
                 "each detected by the manifest's hashes, reported in the plan, step recomputed", "the damaged step", "0")
+
+
+def test_decontamination_is_a_report_unless_it_removes(tiny_cfg, tmp_path):
+    """By default decontaminate is a leaf (ingest + taskdata -> report); with remove=true tokenize reads
+    its verdict, so tokenize and everything downstream move with the task data; enabled=false drops it."""
+    def graph(**options):
+        cfg = dataclasses.replace(tiny_cfg, decontaminate=dataclasses.replace(tiny_cfg.decontaminate, **options))
+        return {p.step.name: p for p in dag.plan(cfg, tmp_path)}
+
+    report, removing, off = graph(), graph(remove=True), graph(enabled=False)
+    assert list(report) == ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
+    assert set(report["decontaminate"].upstream) == {"ingest", "taskdata"} and set(report["tokenize"].upstream) == {"ingest"}
+    assert list(removing) == ["ingest", "taskdata", "decontaminate", "tokenize", "pretrain", "finetune", "evaluate"]
+    assert set(removing["tokenize"].upstream) == {"ingest", "decontaminate"}
+    assert {n for n in report if report[n].fingerprint != removing[n].fingerprint} == \
+        {"decontaminate", "tokenize", "pretrain", "finetune", "evaluate"}
+    assert "decontaminate" not in off and {n: p.fingerprint for n, p in off.items()} == \
+        {n: p.fingerprint for n, p in report.items() if n != "decontaminate"}

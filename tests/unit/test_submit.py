@@ -24,3 +24,18 @@ def test_bad_configuration_fails_before_submission(overrides, message, monkeypat
     monkeypatch.setattr(submit, "submit", lambda *a: pytest.fail("submitted"))
     assert submit.main(overrides) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_uri_root_is_refused_before_anything_is_created_under_it(tmp_path):
+    """Hydra starts before validation: its run directory must not turn a URI root into local folders."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "+experiment=tiny", "paths.root=s3://bucket/runs",
+                           "dry_run=true"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "paths.root: 's3://bucket/runs' is a URI" in proc.stderr
+    assert not (tmp_path / "s3:").exists() and (tmp_path / "lmforge_runs" / "hydra").is_dir()

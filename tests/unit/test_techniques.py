@@ -128,6 +128,70 @@ def test_ensemble_averages_member_probabilities(tmp_path):
     assert metrics["one_accuracy"] == 0.5 and metrics["two_accuracy"] == 0.5 and metrics["ensemble_accuracy"] == 1.0
 
 
+def test_generation_ensemble_decodes_on_mean_token_log_probabilities():
+    """Members that agree decode exactly as `generate` does; two different members follow the argmax
+    of their mean log-probabilities at every step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.evaluate import generate
+
+    class Ids:  # what `generate` needs of a tokenizer
+        pad_token_id, eos_token_id = 0, 1
+
+    one = tiny_llama(tie=False)
+    torch.manual_seed(1)
+    two = LlamaForCausalLM(LlamaConfig(**{**one.config.to_dict(), "architectures": None})).eval()
+    prompt = [5, 9, 17, 3]
+    alone = generate(one, Ids, prompt, 6)
+    assert ensemble.ensemble_generate([one, one], prompt, 6, eos_id=1) == alone
+    both = ensemble.ensemble_generate([one, two], prompt, 6, eos_id=-1)
+    ids = list(prompt)
+    with torch.no_grad():
+        for token in both:
+            step = [torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0, -1], -1) for m in (one, two)]
+            assert token == int((step[0] + step[1]).argmax())
+            ids.append(token)
+    assert len(set(both)) > 1 and both not in (alone, ensemble.ensemble_generate([two, two], prompt, 6, eos_id=-1))
+
+
+def test_generation_ensemble_step_loads_its_members_and_reports_beside_them(tmp_path):
+    """The ensemble step on a generation task: two fully fine-tuned members on disk (as finetune
+    writes them), their evaluate reports, and the ensemble scored with exact match and chrF."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [f"question {i} answer {i * 7}" for i in range(40)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=64 + 256, special_tokens=["<pad>", "<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+    pretrain = tmp_path / "pretrain"
+    tokenizer.save_pretrained(str(pretrain / "model"))
+    dirs, member_inputs = {}, {}
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64)
+                         ).save_pretrained(str(tmp_path / f"finetune_{name}" / "model"))
+        dirs[name] = tmp_path / f"evaluate_{name}"
+        dirs[name].mkdir()
+        write_json(dirs[name] / "report.json", {"task": {"scores": {"finetuned": {"exact_match": 0.0, "chrf": float(seed)}}}})
+        member_inputs[name] = {"pretrain": str(pretrain), "finetune": str(tmp_path / f"finetune_{name}")}
+    taskdata = tmp_path / "taskdata"
+    taskdata.mkdir()
+    write_jsonl(taskdata / "test.jsonl", [{"prompt": f"question {i}", "completion": f"answer {i * 7}"} for i in range(3)])
+    task = TaskConfig(kind="generation", prompt_template="{prompt} ->")
+    cfg = EnsembleStepConfig(EvalConfig(max_examples=2, max_new_tokens=3), task, {n: str(d) for n, d in dirs.items()},
+                             member_inputs, max_length=32)
+    (tmp_path / "out").mkdir()
+    metrics = ensemble.run(cfg, {"taskdata": taskdata}, tmp_path / "out", TaskContext("ensemble"))
+    assert metrics["a_chrf"] == 0.0 and metrics["b_chrf"] == 1.0  # the members' own scores, from their reports
+    assert metrics["ensemble_exact_match"] == 0.0 and metrics["ensemble_chrf"] >= 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["members"] == ["a", "b"] and len(report["examples"]) == 2
+
+
 def test_int8_model_is_smaller_reloads_weights_only_and_pruning_zeroes_weights(tmp_path):
     model = tiny_llama()
     quantize.prune_magnitude(model, 0.5)
@@ -167,6 +231,8 @@ def test_ensemble_step_reads_its_members_and_does_not_change_their_fingerprints(
     step = planned["ensemble"]
     assert step.section.member_dirs == {n: str(planned[f"evaluate.{n}"].out_dir) for n in ("lora", "full")}
     assert step.view["members"] == {f"evaluate.{n}": planned[f"evaluate.{n}"].fingerprint for n in ("lora", "full")}
+    assert step.section.member_inputs["lora"] == {dep: str(tmp_path / dep / planned[dep if dep != "finetune" else
+                                                  "finetune.lora"].fingerprint) for dep in ("tokenize", "pretrain", "taskdata", "finetune")}
     without = compose_config(["+experiment=tiny_techniques", f"paths.root={tmp_path}", "eval.ensemble=[]"])
     plain = {p.step.name: p.fingerprint for p in dag.plan(without, tmp_path)}
     assert "ensemble" not in plain and plain["evaluate.lora"] == planned["evaluate.lora"].fingerprint
