@@ -37,12 +37,13 @@ def exported_val_loss(model, ft, task, dirs) -> float:
 
 def test_early_stopping_exports_the_weights_of_the_best_validation(steps, tmp_path):
     cfg, dirs, _ = steps
-    # A learning rate this high makes validation worse after a step or two: training stops early.
+    # A learning rate this high makes validation jump up and down: training stops at the first
+    # validation that is worse than the best one (patience 1).
     ft, metrics = run_finetune(cfg, dirs, tmp_path / "ft", method="full", precision="fp32", lr=0.03, warmup_steps=0,
                                max_steps=8, eval_every=1, eval_batches=2, grad_clip=0.0,
-                               early_stopping=EarlyStoppingConfig(patience=2))
+                               early_stopping=EarlyStoppingConfig(patience=1))
     assert metrics["best_step"] < metrics["last_step"] <= 8
-    assert metrics["last_step"] == 8 or metrics["last_step"] - metrics["best_step"] == 2
+    assert metrics["last_step"] == 8 or metrics["last_step"] - metrics["best_step"] == 1
     log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, metrics["last_step"] + 1))
     assert min(r["val_loss"] for r in log) == pytest.approx(metrics["best_val_loss"])
