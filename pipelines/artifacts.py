@@ -81,11 +81,16 @@ def publish(staging: Path, final: Path, manifest: dict) -> dict:
     manifest = {**manifest, "files": record_files(staging, skip=MANIFEST)}
     manifest = json.loads(json.dumps(manifest, default=str))  # the digest covers what is written
     manifest["digest"] = manifest_digest(manifest)
+    install(staging, final, manifest)
+    return manifest
+
+
+def install(staging: Path, final: Path, manifest: dict) -> None:
+    """The manifest written last into a complete staging directory, then the directory renamed into place."""
     write_json(staging / MANIFEST, manifest)
     if final.exists():  # a directory left by an attempt that never wrote its manifest
         shutil.rmtree(final)
     staging.rename(final)
-    return manifest
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -295,7 +295,7 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
                 else:
                     say(f"running, {item.reason}")
                     manifest, ran = run_step(item, inputs, root, resources, tracker, run_id), True
-        if store is not None and store.push(item.out_dir, manifest):
+        if store is not None and not item.in_store and store.push(item.out_dir, manifest):
             say(f"uploaded to the step store {redact_text(store.uri)}")
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines import artifacts
-from tasks.common import UserError, files_problem, write_json
+from tasks.common import UserError, files_problem
 
 BLOCK = 1 << 20
 
@@ -64,7 +63,7 @@ class Store:
         manifest = self.manifest(step, fingerprint)
         if manifest is None:
             raise UserError(f"paths.store: {self.path(step, fingerprint)} has no complete step")
-        staging = root / step / f".staging-{fingerprint}-pull-{uuid.uuid4().hex[:8]}"
+        staging = artifacts.staging_dir(root, step, fingerprint)  # under the step's lock (the executor's)
         try:
             for name in manifest["files"]:
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -75,11 +74,7 @@ class Store:
             if problem:
                 raise UserError(f"paths.store: the stored {step} {fingerprint} is damaged ({problem}); "
                                 f"delete {self.path(step, fingerprint)} or rerun without paths.store")
-            write_json(staging / artifacts.MANIFEST, manifest)
-            final = artifacts.step_dir(root, step, fingerprint)
-            if final.exists():  # a directory without a manifest, left by an attempt that failed
-                shutil.rmtree(final)
-            staging.rename(final)
+            artifacts.install(staging, artifacts.step_dir(root, step, fingerprint), manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest

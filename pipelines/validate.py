@@ -94,8 +94,8 @@ def validate(cfg: Config) -> None:
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     validate_tracking(cfg)
     validate_data(cfg.data)
-    unknown = [name for name in cfg.decontaminate.sets if name not in taskdata.SPLITS]
-    check(not unknown, f"decontaminate.sets: '{unknown[0] if unknown else ''}' is not a task split {taskdata.SPLITS}")
+    for name in cfg.decontaminate.sets:
+        check(name in taskdata.SPLITS, f"decontaminate.sets: '{name}' is not a task split {taskdata.SPLITS}")
     tok, model = cfg.tokenizer, cfg.model
     validate_tokenizer(tok)
     check(tok.seq_len <= model.max_position_embeddings,

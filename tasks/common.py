@@ -134,11 +134,19 @@ def files_problem(directory: Path, files: dict[str, dict]) -> str | None:
     return None
 
 
+def write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write a file through a temporary one renamed into place (`write` gets the binary file): a
+    reader never sees half a file, and the old one stays whole until the new one is complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:

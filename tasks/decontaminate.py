@@ -14,8 +14,10 @@ out when `decontaminate.remove` is set. The corpus is hashed shard by shard in p
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,13 +42,15 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
 def report(corpus: list[tuple[str, str]], sets: dict[str, list[str]], n: int = 13) -> dict[str, dict]:
     """Per set: examples, examples checked (at least n words), contaminated ones (share, a few shown)
     and the ids of the corpus documents they overlap."""
+    return report_with(lambda wanted: find_ngrams(corpus, wanted, n), sets, n)
+
+
+def report_with(find: Callable[[np.ndarray], dict[int, list[str]]], sets: dict[str, list[str]], n: int) -> dict[str, dict]:
+    """`report`, with `find(wanted n-gram hashes) -> {hash: corpus doc ids}` searching the corpus."""
     set_hashes = {name: [ngram_hashes(text, n) for text in texts] for name, texts in sets.items()}
-    found = find_ngrams(corpus, all_hashes(set_hashes), n)
+    wanted = np.unique(np.concatenate([h for hashes in set_hashes.values() for h in hashes] or [np.zeros(0, np.uint64)]))
+    found = find(wanted)
     return {name: set_report(sets[name], hashes, found) for name, hashes in set_hashes.items()}
-
-
-def all_hashes(set_hashes: dict[str, list[np.ndarray]]) -> np.ndarray:
-    return np.unique(np.concatenate([h for hashes in set_hashes.values() for h in hashes] or [np.zeros(0, np.uint64)]))
 
 
 def find_ngrams(corpus, wanted: np.ndarray, n: int) -> dict[int, list[str]]:
@@ -80,15 +84,17 @@ def run(cfg: DecontaminateConfig, inputs: dict, out_dir: Path, ctx: TaskContext)
     if missing:
         raise UserError(f"decontaminate.sets: the task data has no split {missing[0]!r} (train, val, test)")
     sets = {name: [record_text(r) for r in read_jsonl(Path(inputs["taskdata"]) / f"{name}.jsonl")] for name in cfg.sets}
-    set_hashes = {name: [ngram_hashes(text, cfg.ngram) for text in texts] for name, texts in sets.items()}
-    wanted, shards = all_hashes(set_hashes), [str(path) for path in read_shards(inputs["ingest"])]
-    ctx.say(f"looking for {len(wanted):,} {cfg.ngram}-grams of {sum(map(len, sets.values()))} task records "
-            f"in {len(shards)} corpus shards")
-    found: dict[int, list[str]] = {}
-    for part in ctx.parallel_map(lambda shard: shard_ngrams(shard, wanted, cfg.ngram), shards):
-        for value, docs in part.items():
-            found.setdefault(value, []).extend(docs)
-    result = {name: set_report(sets[name], hashes, found) for name, hashes in set_hashes.items()}
+    shards = [str(path) for path in read_shards(inputs["ingest"])]
+    ctx.say(f"looking for the {cfg.ngram}-grams of {sum(map(len, sets.values()))} task records in {len(shards)} corpus shards")
+
+    def find_in_shards(wanted: np.ndarray) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for part in ctx.parallel_map(lambda shard: shard_ngrams(shard, wanted, cfg.ngram), shards):
+            for value, docs in part.items():
+                found.setdefault(value, []).extend(docs)
+        return found
+
+    result = report_with(find_in_shards, sets, cfg.ngram)
     docs = sorted({doc for entry in result.values() for doc in entry["corpus_docs"]})
     write_json(out_dir / "report.json", {"ngram": cfg.ngram, "sets": result})
     write_json(out_dir / "contaminated_docs.json", docs)
@@ -103,8 +109,6 @@ def run(cfg: DecontaminateConfig, inputs: dict, out_dir: Path, ctx: TaskContext)
 
 def contaminated_docs(decontaminate_dir: Path) -> set[str]:
     """The corpus documents the decontaminate step found overlapping a checked set."""
-    import json
-
     return set(json.loads((Path(decontaminate_dir) / "contaminated_docs.json").read_text()))
 
 

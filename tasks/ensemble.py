@@ -81,11 +81,9 @@ def member_models(member_inputs: dict[str, dict[str, str]]) -> tuple[dict, objec
 
     from tasks.finetune import load_tuned
 
-    models = {}
-    for name, dirs in member_inputs.items():
-        model_dir = Path(dirs["pretrain"]) / "model"
-        models[name] = load_tuned(Path(dirs["finetune"]), model_dir).eval()
-    return models, AutoTokenizer.from_pretrained(str(Path(next(iter(member_inputs.values()))["pretrain"]) / "model"))
+    model_dirs = {name: Path(dirs["pretrain"]) / "model" for name, dirs in member_inputs.items()}
+    models = {name: load_tuned(Path(dirs["finetune"]), model_dirs[name]).eval() for name, dirs in member_inputs.items()}
+    return models, AutoTokenizer.from_pretrained(str(next(iter(model_dirs.values()))))
 
 
 def generation_ensemble(cfg: EnsembleStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conf.schema import TokenizerConfig
 from tasks import tokenizer_files
-from tasks.common import TaskContext, UserError, hash_fraction, write_json
+from tasks.common import Progress, TaskContext, UserError, hash_fraction, write_json
 from tasks.ingest import read_shards
 
 SPLIT_SEED = 0
@@ -158,8 +158,6 @@ def encode_and_pack(tokenizer: Tokenizer, texts: list[str], is_val: list[bool], 
                     out_dir: Path, ctx: TaskContext) -> tuple[dict[str, np.ndarray], int]:
     """Encode in parallel tasks, pack and write train.bin / val.bin: the packed splits, and the number of
     tokens encoded (EOS included, before the incomplete last rows are cut)."""
-    from tasks.common import Progress
-
     tokenizer_json = tokenizer.to_str()
     bounds = batch_bounds([len(t) for t in texts], TASKS_PER_CPU * max(ctx.num_cpus, 1), cfg.docs_per_task)
     batches = [(texts[start:end], is_val[start:end]) for start, end in bounds]

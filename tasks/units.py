@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.common import Progress, TaskContext, UserError, files_problem, record_files, stable_hash, write_json
+from tasks.common import (Progress, TaskContext, UserError, files_problem, record_files, stable_hash,
+                          write_atomic, write_json)
 from tasks.mixing import Doc
 from tasks.sources import Part, Source, parquet_row_group_bytes, split_suffix
 
@@ -165,22 +165,14 @@ def save(unit_dir: Path, parts: list[dict], signatures: np.ndarray | None, size:
     unit_dir.mkdir(parents=True, exist_ok=True)
     docs = [doc for part in parts for doc in part["docs"]]
     table = pa.table([[getattr(d, n) for d in docs] for n in DOCS_SCHEMA.names], schema=DOCS_SCHEMA)
-    atomic(unit_dir / DOCS, lambda fh: pq.write_table(table, fh))
+    write_atomic(unit_dir / DOCS, lambda fh: pq.write_table(table, fh))
     meta = [{**{k: v for k, v in part.items() if k != "docs"}, "num_docs": len(part["docs"])} for part in parts]
-    atomic(unit_dir / PARTS, lambda fh: fh.write(json.dumps(meta).encode()))  # key order kept: examples as written
+    write_atomic(unit_dir / PARTS, lambda fh: fh.write(json.dumps(meta).encode()))  # key order kept: examples as written
     if signatures is not None:
-        atomic(unit_dir / SIGNATURES, lambda fh: np.save(fh, signatures, allow_pickle=False))
+        write_atomic(unit_dir / SIGNATURES, lambda fh: np.save(fh, signatures, allow_pickle=False))
     names = [DOCS, PARTS] + ([SIGNATURES] if signatures is not None else [])
     write_json(unit_dir / RECORD, {"files": record_files(unit_dir, names=names)})
     return {"docs_in": sum(part["docs_in"] for part in parts), "bytes": size}
-
-
-def atomic(path: Path, write: Callable) -> None:
-    """Write through a temporary file renamed into place: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
 
 
 def load(unit_dir: Path) -> list[dict]:

@@ -69,7 +69,7 @@ def test_output_is_byte_identical_for_any_unit_size(tmp_path):
 
 
 class Crash(Exception):
-    pass
+    """What `crashing_map` raises in place of a killed driver."""
 
 
 def crashing_map(after: int):
