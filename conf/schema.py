@@ -7,6 +7,8 @@ not *what* it computes; they are left out of step fingerprints.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +23,14 @@ def placement(default, doc: str = ""):
 @dataclass
 class PathsConfig:
     root: str = "lmforge_runs"
-    """Every output (step directories, MLflow store, run summaries) goes below this folder."""
+    """Every output (step directories, MLflow store, run summaries) goes below this folder: a local
+    path, one every Ray node mounts (NFS, EFS, a ReadWriteMany volume), or a pyarrow.fs URI
+    (s3://bucket/prefix, gs://..., file:///abs/path). With a URI the nodes share only the store:
+    each step fetches its inputs onto the node it runs on and uploads its result there."""
+    cache: str = ""
+    """With a URI paths.root: each node's working copy of the steps it runs or reads, and the
+    launching machine's locks, run summaries and default MLflow store. $LMFORGE_CACHE set on a node
+    wins there. Empty: <system temp dir>/lmforge-cache."""
     store: str = ""
     """Step store: a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///abs/path) that keeps a copy of
     every published step; a run elsewhere (another machine, a fresh cluster) downloads its finished
@@ -502,10 +511,15 @@ class EnsembleStepConfig:
     """Shortest finetunes.<member>.max_length: generation prompts are cut as for every member."""
 
 
-def local_dir(root: str) -> str:
-    """Where Hydra keeps its run logs: paths.root, or the default root when paths.root is a URI
-    (which validation then refuses, and Hydra, which starts first, must not create as a local path)."""
-    return PathsConfig.root if "://" in str(root) else root
+def cache_dir(configured: str) -> str:
+    """This machine's working copy when paths.root is a URI: $LMFORGE_CACHE, paths.cache, or a temp folder."""
+    return os.environ.get("LMFORGE_CACHE") or configured or os.path.join(tempfile.gettempdir(), "lmforge-cache")
+
+
+def local_dir(root: str, cache: str = "") -> str:
+    """Where Hydra keeps its run logs: paths.root, or the local working copy when paths.root is a URI
+    (Hydra starts first and must not create the URI as a local path)."""
+    return cache_dir(cache) if "://" in str(root) else root
 
 
 def register_configs() -> None:

@@ -76,11 +76,19 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-def publish(staging: Path, final: Path, manifest: dict) -> dict:
-    """Write the manifest last, then move the finished directory into place."""
+def seal(staging: Path, manifest: dict) -> dict:
+    """The manifest of a complete staging directory (every file with size and SHA-256, and the
+    digest over all of it), written into the directory last."""
     manifest = {**manifest, "files": record_files(staging, skip=MANIFEST)}
     manifest = json.loads(json.dumps(manifest, default=str))  # the digest covers what is written
     manifest["digest"] = manifest_digest(manifest)
+    write_json(staging / MANIFEST, manifest)
+    return manifest
+
+
+def publish(staging: Path, final: Path, manifest: dict) -> dict:
+    """Write the manifest last, then move the finished directory into place."""
+    manifest = seal(staging, manifest)
     install(staging, final, manifest)
     return manifest
 

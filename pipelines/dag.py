@@ -184,7 +184,7 @@ def plan(cfg: Config, root: Path, steps=None, store=None) -> list[PlannedStep]:
         if manifest and not problem:
             status, reason = "cached", "same config and inputs"
         elif in_store:
-            status, reason = "cached", "same config and inputs, in the step store (paths.store)"
+            status, reason = "cached", "same config and inputs, in the step store"
         elif problem:
             status, reason = "run", f"the cached result is damaged ({problem}); recomputing"
         else:

@@ -5,10 +5,10 @@ are skipped. The only module that knows Ray.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from conf.schema import Config
 from pipelines import artifacts, locks
+from pipelines.stopping import DiskFull, Preempted, fit_here, fit_on_nodes, out_of_space, watch_stop_request
+from pipelines import store as store_module
 from pipelines.dag import PlannedStep
 from pipelines.redaction import redact, redact_text
 from pipelines.tracking import Tracker, error_line
-from tasks.common import Progress, TaskContext, UserError, write_json
+from tasks.common import Progress, TaskContext, UserError, write_atomic, write_json
 from tasks.training import OWNER_FILE, STOP_FILE
 
 # Passed to every Ray worker: fewer framework messages between the progress lines.
@@ -37,76 +39,6 @@ WORKER_ENV = {
     # Ray instance runs on the machine (two launches at once); it only feeds the Ray dashboard.
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
-STOP_GRACE_SECONDS = 300  # after SIGTERM, the longest wait for a training step's checkpoint
-
-
-LOW_SPACE_BYTES = 1 << 20  # a step that fails with less free space than this is taken to have filled the disk
-
-
-class DiskFull(Exception):
-    """A step failed because its filesystem is full; nothing partial was published."""
-
-
-def out_of_space(error: BaseException, directory: Path) -> bool:
-    """Whether a step's failure comes from a full disk: ENOSPC anywhere in its message (Ray and
-    torch re-wrap OSErrors), or (torch reports only 'file write failed') almost no space left."""
-    if "No space left on device" in str(error):
-        return True
-    try:
-        return shutil.disk_usage(directory if directory.exists() else directory.parent).free < LOW_SPACE_BYTES
-    except OSError:
-        return False
-
-
-class Preempted(Exception):
-    """SIGTERM stopped the run; finished steps and the running training step's checkpoint are kept."""
-
-
-class StopRequest:
-    """SIGTERM handling for the driver. During a training step it asks the workers (through a
-    file in the step's directory) to checkpoint at the end of their current step and return;
-    otherwise it stops at once. A second SIGTERM, or no checkpoint within STOP_GRACE_SECONDS,
-    ends the process."""
-
-    def __init__(self):
-        self.requested = False
-        self.training_dir: Path | None = None
-
-    def __enter__(self):
-        import signal
-
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        signal.signal(signal.SIGTERM, self.previous)
-
-    def handle(self, *_):
-        import sys
-        import threading
-
-        if self.requested or self.training_dir is None:
-            if self.requested:
-                print("second SIGTERM: stopping now", file=sys.stderr, flush=True)
-                os._exit(143)
-            self.requested = True
-            raise Preempted("stopped by SIGTERM; finished steps are kept")
-        self.requested = True
-        print("SIGTERM: the training step checkpoints at the end of its current step, then the run stops",
-              file=sys.stderr, flush=True)
-        (self.training_dir / STOP_FILE).touch()
-        timer = threading.Timer(STOP_GRACE_SECONDS, lambda: (print(
-            f"no checkpoint within {STOP_GRACE_SECONDS} s of SIGTERM: stopping now", file=sys.stderr, flush=True),
-            os._exit(143)))
-        timer.daemon = True
-        timer.start()
-
-
-STOP = StopRequest()
-
-
 def start_ray(cfg: Config) -> dict:
     """Join `ray.address` / $RAY_ADDRESS, or start an embedded local Ray. Returns cluster resources."""
     import ray
@@ -130,28 +62,46 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def check_resources(planned: list[PlannedStep], resources: dict) -> None:
-    """A training job that asks for more than the cluster has would wait forever: say so now."""
+def autoscaler_ceiling() -> dict | None:
+    """The most the cluster's node groups add up to where an autoscaler may add nodes (KubeRay,
+    `ray up`); None without one (an embedded Ray, a fixed cluster)."""
+    import ray._private.state  # private API: the cluster config the autoscaler publishes (Ray Data reads it so too)
+
+    return ray._private.state.state.get_max_resources_from_cluster_config() or None
+
+
+def check_resources(planned: list[PlannedStep], resources: dict, ceiling: dict | None = None) -> None:
+    """A training job that asks for more than the cluster has, or than its autoscaler can add,
+    would wait forever: say so now. One the autoscaler must grow the cluster for is announced."""
     for item in planned:
         if item.status != "run" or item.step.train is None:
             continue
         train = item.step.train(item.section)
         need = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": train.num_workers if train.use_gpu else 0}
         for kind, amount in need.items():
-            if amount > resources.get(kind, 0):
+            have, most = resources.get(kind, 0), max(resources.get(kind, 0), (ceiling or {}).get(kind, 0))
+            if amount > most:
+                grown = f" and its autoscaler can grow it to {most:g}" if ceiling else ""
                 raise UserError(f"{item.step.name}.num_workers x cpus_per_worker needs {amount:g} {kind}, "
-                                f"the Ray cluster has {resources.get(kind, 0):g}")
+                                f"the Ray cluster has {have:g}{grown}")
+            if amount > have:
+                print(f"{item.step.name} needs {amount:g} {kind}, the Ray cluster has {have:g} now: its autoscaler "
+                      f"adds nodes when the step starts (up to {most:g})", flush=True)
 
 
 WAIT_S = 0.5  # ray_map hands over finished results at least this often
 
 
-def ray_map(fn, items: list, ctx: TaskContext | None = None, on_result=None) -> list:
+def ray_map(fn, items: list, ctx: TaskContext | None = None, on_result=None, node_id: str | None = None) -> list:
     """Run fn over items as parallel Ray tasks; results in input order. on_result(index, result) is
-    called here as each task finishes (the caller then shows progress); without it, a generic progress line."""
+    called here as each task finishes (the caller then shows progress); without it, a generic progress line.
+    node_id: all on that node (where the step's inputs and work directory are, without a shared root)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     apply = ray.remote(num_cpus=1)(_apply)
+    if node_id:
+        apply = apply.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
     fn_ref = ray.put(fn)  # serialised once, not once per task (it may hold a tokenizer)
     futures = [apply.remote(fn_ref, item) for item in items]
     index = {ref: i for i, ref in enumerate(futures)}
@@ -193,56 +143,112 @@ def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, r
     return metrics, [node_id]
 
 
-def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path) -> tuple[dict, list]:
-    """The step's metrics, and the Ray node of rank 0."""
+@dataclass(frozen=True)
+class NodeRoots:
+    """paths.root is a URI: the nodes share only that store, and each works in its own copy
+    (store.cache_root: paths.cache, or $LMFORGE_CACHE on the node)."""
+    store_uri: str
+    cache: str
+    driver_root: Path
+
+    def here(self):
+        """This node's working copy and the store."""
+        return store_module.cache_root(self.cache), store_module.open_store(self.store_uri, "paths.root")
+
+
+def _run_task_on_node(step, section, upstream: dict, base: dict, log_metrics, nodes: NodeRoots) -> dict:
+    """A data step on whichever node Ray picked: fetch its inputs there, run it, publish it to the store."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    root, store = nodes.here()
+    say = TaskContext(step.name).say
+    inputs = store_module.fetch_steps(store, root, upstream, say)
+    section = store_module.relocate(section, nodes.driver_root, root, store, say)
+    fingerprint = base["fingerprint"]
+    num_cpus = next(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["NodeID"] == node_id)
+    with locks.step_lock(locks.lock_path(root, step.base, fingerprint, "node"), say):
+        staging = artifacts.staging_dir(root, step.base, fingerprint)
+        work_dir = artifacts.partial_dir(root, step.base, fingerprint)
+        ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=max(num_cpus, 1), work_dir=work_dir)
+        ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result, node_id)
+        try:
+            metrics = step.fn(section, inputs, staging, ctx)
+            manifest = store_module.publish(staging, root, store, finished(base, inputs, metrics, [node_id]))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest
+
+
+def finished(base: dict, inputs: dict, metrics: dict, node_ids: list) -> dict:
+    """A step's manifest (before sealing) once it has finished."""
+    return {**base, "inputs": inputs, "metrics": metrics, "finished_at": time.time(),
+            "seconds": time.time() - base["started_at"],
+            "placement": {"node_ids": node_ids}}  # where it ran (Ray node ids); not part of the result
+
+
+def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path,
+                      nodes: NodeRoots | None = None, base: dict | None = None) -> tuple[dict, list]:
+    """The step's metrics, and the Ray node of rank 0. With `nodes` (no shared root) each node
+    trains in its own copy and rank 0 publishes the result to the store (`base`: its manifest so far)."""
     import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = item.step.train(item.section)
-    step, section = item.step, item.section
+    step, section, fingerprint = item.step, item.section, item.fingerprint
     token = uuid.uuid4().hex
+    store = nodes.here()[1] if nodes else None
+    outcome_name, stop_name = (f"{step.base}/.partial-{fingerprint}/{name}" for name in (artifacts.TRAIN_METRICS, STOP_FILE))
 
     def loop_per_worker(_config):
         if not train.use_gpu:  # DeepSpeed would otherwise probe for accelerators and warn about it
             os.environ["DS_ACCELERATOR"] = "cpu"
         rank = ray.train.get_context().get_world_rank()
+        node_id = ray.get_runtime_context().get_node_id()
         ctx = TaskContext(step.name, log_metrics=log_metrics if rank == 0 else _ignore, num_cpus=train.cpus_per_worker)
-        metrics = step.fn(section, inputs, out_dir, ctx)
+        here, local_inputs, work_dir = root, inputs, out_dir
+        if nodes:
+            here, node_store = nodes.here()
+            local_inputs = store_module.fetch_steps(node_store, here, item.upstream, ctx.say)
+            work_dir = artifacts.partial_dir(here, step.base, fingerprint)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(work_dir / OWNER_FILE, lambda fh: fh.write(token.encode()))  # fences this node's old workers
+            ctx.mirror = store_module.NodeMirror(nodes.store_uri, str(here))  # checkpoints through the store
+        end_watch = watch_stop_request(node_store, stop_name, work_dir / STOP_FILE) if nodes and rank == 0 else _ignore
+        try:
+            metrics = step.fn(section, local_inputs, work_dir, ctx)
+        finally:
+            end_watch()
         # Ray Train keeps reported metrics only with checkpoints: hand them over as a file, unless
         # another launch has taken the step over since (this attempt's driver was killed).
-        if rank == 0 and (out_dir / OWNER_FILE).read_text() == token:
-            node_id = ray.get_runtime_context().get_node_id()
-            write_json(out_dir / artifacts.TRAIN_METRICS, {"metrics": metrics, "node_id": node_id})
+        if rank == 0 and (work_dir / OWNER_FILE).read_text() == token:
+            if nodes and "stopped_at_step" not in metrics:
+                for leftover in (OWNER_FILE, STOP_FILE):
+                    (work_dir / leftover).unlink(missing_ok=True)
+                store_module.publish(work_dir, here, node_store, finished(base, local_inputs, metrics, [node_id]))
+            if nodes:
+                node_store.put_json(outcome_name, {"metrics": metrics, "node_id": node_id})
+            else:
+                write_json(out_dir / artifacts.TRAIN_METRICS, {"metrics": metrics, "node_id": node_id})
 
     trainer = TorchTrainer(
         loop_per_worker,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{step.name}-{item.fingerprint}-{uuid.uuid4().hex[:6]}",
+        run_config=RunConfig(name=f"{step.name}-{fingerprint}-{uuid.uuid4().hex[:6]}",
                              storage_path=str((root / ".ray_train").resolve()),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    metrics_path = out_dir / artifacts.TRAIN_METRICS
-    reported = artifacts.finished_training(out_dir)  # its driver was killed after training, before publishing
-    if reported is None:
-        (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
-        # Workers of an attempt whose driver was killed may still run for a few seconds: the
-        # owner file tells them they were replaced (tasks/training.py), so they stop writing.
-        (out_dir / OWNER_FILE).write_text(token)
-        STOP.training_dir = out_dir
-        try:
-            trainer.fit()
-        finally:
-            STOP.training_dir = None
-        (out_dir / STOP_FILE).unlink(missing_ok=True)
-        reported = json.loads(metrics_path.read_text())
-    (out_dir / OWNER_FILE).unlink(missing_ok=True)
+    if nodes:
+        reported = fit_on_nodes(trainer, store, stop_name, outcome_name)
+    else:
+        reported = fit_here(trainer, out_dir, token)
     metrics = reported["metrics"]
-    metrics_path.unlink()
     if "stopped_at_step" in metrics:
         raise Preempted(f"stopped by SIGTERM: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
                         f"rerun the same command to continue from there")
@@ -267,11 +273,16 @@ class StepResult:
 KEY_METRIC = {"ingest": "docs_kept", "tokenize": "train_tokens", "pretrain": "final_val_ppl",
               "taskdata": "train_records", "decontaminate": "test_contaminated", "finetune": "final_val_loss",
               "evaluate": "finetuned_accuracy"}
+REVIEW_FILES = [artifacts.MANIFEST, "report.json", "quarantine.json", "mixture.json", "train_log.jsonl",
+                "samples.jsonl", "dropped_examples.jsonl"]
+"""What each step's MLflow run shows of its directory."""
 
 
-def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict, store=None) -> list[StepResult]:
+def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict, store=None,
+            nodes: NodeRoots | None = None) -> list[StepResult]:
     """Run or reuse each planned step in order; with a step store, download the steps cached only
-    there and upload every result it lacks."""
+    there and upload every result it lacks. With `nodes` the store is the root: steps run and
+    publish on their nodes, and nothing is downloaded here but what MLflow shows."""
     results = []
     for index, item in enumerate(planned, start=1):
         name = item.step.name
@@ -280,7 +291,10 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         started = time.monotonic()
         say = lambda message: print(f"[{index}/{len(planned)}] {name}: {message}", flush=True)
         ran = False
-        if item.in_store:
+        if item.in_store and nodes:
+            manifest = store.manifest(item.step.base, item.fingerprint)
+            say(f"cached ({item.fingerprint}) in {redact_text(store.uri)}")
+        elif item.in_store:
             with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
                 manifest = store.pull(item.step.base, item.fingerprint, root)
             say(f"cached ({item.fingerprint}), downloaded from the step store")
@@ -289,46 +303,72 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
             say(f"cached ({item.fingerprint})")
         else:
             with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
-                manifest = artifacts.read_manifest(item.out_dir)
-                if manifest and not artifacts.damage(item.out_dir, manifest):
+                manifest = (store.manifest(item.step.base, item.fingerprint) if nodes
+                            else artifacts.read_manifest(item.out_dir))
+                if manifest and (nodes or not artifacts.damage(item.out_dir, manifest)):
                     say(f"cached ({item.fingerprint}), finished by another launch meanwhile")
                 else:
                     say(f"running, {item.reason}")
-                    manifest, ran = run_step(item, inputs, root, resources, tracker, run_id), True
+                    manifest, ran = run_step(item, inputs, root, resources, tracker, run_id, nodes), True
         if store is not None and not item.in_store and store.push(item.out_dir, manifest):
             say(f"uploaded to the step store {redact_text(store.uri)}")
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
-        tracker.log_artifacts(run_id, [item.out_dir / artifacts.MANIFEST, item.out_dir / "report.json",
-                                       item.out_dir / "quarantine.json", item.out_dir / "mixture.json"])
-        tracker.log_loss_curve(run_id, item.out_dir / "train_log.jsonl", f"{name} loss")
-        tracker.log_jsonl_table(run_id, item.out_dir / "samples.jsonl", "samples.json")
-        tracker.log_jsonl_table(run_id, item.out_dir / "dropped_examples.jsonl", "dropped_examples.json")
-        tracker.end(run_id)
+        with tempfile.TemporaryDirectory(prefix="lmforge-review-") as fetched:
+            shown = item.out_dir
+            if nodes and not artifacts.read_manifest(item.out_dir):  # the step's files are on another node
+                shown = Path(fetched)
+                store.fetch(item.step.base, item.fingerprint, REVIEW_FILES, shown)
+            show_step(tracker, run_id, name, shown)
         results.append(StepResult(name, "ran" if ran else "cached", seconds if ran else manifest.get("seconds", 0.0),
-                                  item.fingerprint, str(item.out_dir), metrics, run_id))
+                                  item.fingerprint, store.location(item.step.base, item.fingerprint) if nodes
+                                  else str(item.out_dir), metrics, run_id))
     return results
 
 
-def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, tracker: Tracker, run_id: str) -> dict:
+def show_step(tracker: Tracker, run_id: str, name: str, directory: Path) -> None:
+    """A step's MLflow run: its manifest, reports, loss curve and sample tables; then it ends."""
+    tracker.log_artifacts(run_id, [directory / file for file in REVIEW_FILES[:4]])
+    tracker.log_loss_curve(run_id, directory / "train_log.jsonl", f"{name} loss")
+    tracker.log_jsonl_table(run_id, directory / "samples.jsonl", "samples.json")
+    tracker.log_jsonl_table(run_id, directory / "dropped_examples.jsonl", "dropped_examples.json")
+    tracker.end(run_id)
+
+
+def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, tracker: Tracker, run_id: str,
+             nodes: NodeRoots | None = None) -> dict:
     log_metrics = tracker.metric_logger(run_id)
     training = item.step.train is not None
     work_dir = artifacts.partial_dir(root, item.step.base, item.fingerprint)  # kept when an attempt fails
-    if training:
+    base = {
+        "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
+        "config": redact(item.view), "upstream": item.upstream, "code_version": artifacts.code_version(),
+        "started_at": time.time(), "mlflow_run_id": run_id,
+    }
+    if training and not nodes:
         staging = work_dir
         staging.mkdir(parents=True, exist_ok=True)
-    else:
+    elif not nodes:
         staging = artifacts.staging_dir(root, item.step.base, item.fingerprint)
-    started, started_wall = time.monotonic(), time.time()
+    else:
+        staging = work_dir  # not made: the step runs and publishes on its node
     try:
+        if nodes and training:
+            run_training_step(item, inputs, staging, log_metrics, root, nodes, base)
+            return nodes.here()[1].manifest(item.step.base, item.fingerprint)
+        if nodes:
+            import ray
+
+            task = ray.remote(num_cpus=1)(_run_task_on_node)
+            return ray.get(task.remote(item.step, item.section, item.upstream, base, log_metrics, nodes))
         if training:
             metrics, node_ids = run_training_step(item, inputs, staging, log_metrics, root)
         else:
             metrics, node_ids = run_data_step(item, inputs, staging, log_metrics, resources, work_dir)
     except BaseException as error:
         full = out_of_space(error, staging)
-        if not training:  # a training step keeps its checkpoints for the next attempt
+        if not training and not nodes:  # a training step keeps its checkpoints for the next attempt
             shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
             tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
@@ -337,13 +377,6 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
                            f"({type(error).__name__}: {error_line(error)}); free some space and rerun: finished "
                            f"steps are kept, and nothing of {item.step.name} was taken as a result") from error
         raise
-    manifest = {
-        "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
-        "config": redact(item.view), "upstream": item.upstream, "inputs": inputs, "metrics": metrics,
-        "code_version": artifacts.code_version(), "started_at": started_wall, "finished_at": time.time(),
-        "seconds": time.monotonic() - started, "mlflow_run_id": run_id,
-        "placement": {"node_ids": node_ids},  # where it ran (Ray node ids); not part of the result
-    }
-    manifest = artifacts.publish(staging, item.out_dir, manifest)
+    manifest = artifacts.publish(staging, item.out_dir, finished(base, inputs, metrics, node_ids))
     shutil.rmtree(work_dir, ignore_errors=True)  # a data step's finished work units (a training step's moved)
     return manifest

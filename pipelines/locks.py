@@ -21,8 +21,10 @@ STALE_S = 60.0
 POLL_S = 1.0
 
 
-def lock_path(root: Path, step: str, fingerprint: str) -> Path:
-    return root / step / f".lock-{fingerprint}"
+def lock_path(root: Path, step: str, fingerprint: str, kind: str = "lock") -> Path:
+    """`kind` keeps a node's own work on a step (fetching it, running it for a launch elsewhere)
+    apart from a launch's lock on the same step, when both use one node's directory."""
+    return root / step / f".{kind}-{fingerprint}"
 
 
 def holder(path: Path) -> str:

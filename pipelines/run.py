@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
-from pipelines import artifacts, dag, executor, figures, store, tracking
+from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
 from pipelines.redaction import redact, redact_text
 from pipelines.validate import validate
 from tasks.common import UserError, write_json
@@ -105,8 +105,10 @@ def evaluation_rows(results: list[executor.StepResult]) -> list[dict]:
             for m in models]
 
 
-def register_models(cfg: Config, tracker: tracking.Tracker, results: list[executor.StepResult]) -> dict:
-    """Each fine-tuned result as a version of a registered model (one per branch), with the alias."""
+def register_models(cfg: Config, tracker: tracking.Tracker, results: list[executor.StepResult],
+                    local_dir=lambda result: Path(result.out_dir)) -> dict:
+    """Each fine-tuned result as a version of a registered model (one per branch), with the alias.
+    local_dir(result): the step's directory here (fetched when paths.root is a URI)."""
     base = cfg.tracking.registered_model or f"lmforge-{cfg.experiment_name}"
     scores = {r.name.split(".", 1)[-1] if "." in r.name else "": r.metrics for r in results
               if r.name.split(".")[0] == "evaluate"}
@@ -115,7 +117,8 @@ def register_models(cfg: Config, tracker: tracking.Tracker, results: list[execut
         if r.name.split(".")[0] != "finetune":
             continue
         branch = r.name.split(".", 1)[1] if "." in r.name else ""
-        dirs = {sub: Path(r.out_dir) / sub for sub in ("merged", "model", "adapter") if (Path(r.out_dir) / sub).is_dir()}
+        here = local_dir(r)
+        dirs = {sub: here / sub for sub in ("merged", "model", "adapter") if (here / sub).is_dir()}
         metric = {k: f"{v:.4g}" for k, v in scores.get(branch, {}).items() if k.startswith("finetuned_")}
         tags = {"lmforge.fingerprint": r.fingerprint, "lmforge.experiment": cfg.experiment_name,
                 "lmforge.code_version": artifacts.code_version(), "lmforge.pipeline_run": tracker.parent_id,
@@ -126,7 +129,7 @@ def register_models(cfg: Config, tracker: tracking.Tracker, results: list[execut
 
 
 def track_results(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: list[dag.PlannedStep],
-                  results: list[executor.StepResult]) -> dict:
+                  results: list[executor.StepResult], local_dir=lambda result: Path(result.out_dir)) -> dict:
     """What a reviewer looks at on the parent run: per-step tags, cache hits, the DAG picture,
     the evaluation table, final metrics; and the registered model."""
     cached = sum(r.status == "cached" for r in results)
@@ -140,7 +143,7 @@ def track_results(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: 
     final = {(k if r.name == "evaluate" else f"{r.name.split('.', 1)[1]}.{k}"): v
              for r in results if r.name.split(".")[0] == "evaluate" for k, v in r.metrics.items()}
     tracker.log_metrics(run_id, final)
-    return register_models(cfg, tracker, results) if cfg.tracking.register_model else {}
+    return register_models(cfg, tracker, results, local_dir) if cfg.tracking.register_model else {}
 
 
 def report_tracking(outcome: dict, uri: str) -> None:
@@ -156,10 +159,18 @@ def report_tracking(outcome: dict, uri: str) -> None:
               file=sys.stderr, flush=True)
 
 
+def roots(cfg: Config) -> tuple[Path, store.Store | None, executor.NodeRoots | None]:
+    """The local root, the step store, and, when paths.root is a URI (the store is then the root and
+    each node keeps its own working copy), how nodes find theirs."""
+    if not store.is_uri(cfg.paths.root):
+        return Path(cfg.paths.root).resolve(), store.open_store(cfg.paths.store), None
+    root = store.cache_root(cfg.paths.cache)
+    return root, store.open_store(cfg.paths.root, "paths.root"), executor.NodeRoots(cfg.paths.root, cfg.paths.cache, root)
+
+
 def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
     validate(cfg)  # first: a bad paths.root must not be created
-    step_store = store.open_store(cfg.paths.store)
-    root = Path(cfg.paths.root).resolve()
+    root, step_store, nodes = roots(cfg)
     root.mkdir(parents=True, exist_ok=True)
     planned = dag.plan(cfg, root, store=step_store)
     print_plan(planned)
@@ -170,16 +181,16 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
     tracker = tracking.Tracker(uri, cfg.tracking.experiment, root, cfg.tracking.on_unreachable)
     resources = executor.start_ray(cfg)
     try:
-        executor.check_resources(planned, resources)
+        executor.check_resources(planned, resources, executor.autoscaler_ceiling())
         tags = {"lmforge.code_version": artifacts.code_version(), "lmforge.experiment": cfg.experiment_name}
         run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         try:
-            with executor.STOP:
-                results = executor.execute(planned, root, tracker, resources, step_store)
+            with stopping.STOP:
+                results = executor.execute(planned, root, tracker, resources, step_store, nodes)
         except BaseException as error:
             with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
-                tracker.end(run_id, "KILLED" if isinstance(error, executor.Preempted) else "FAILED")
+                tracker.end(run_id, "KILLED" if isinstance(error, stopping.Preempted) else "FAILED")
                 report_tracking(tracker.finish(), uri)
             raise
         summary = {
@@ -190,10 +201,15 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         summary_path.parent.mkdir(exist_ok=True)
         write_json(summary_path, summary)
         tracker.log_artifacts(run_id, [summary_path])
-        summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results)
+        local_dir = lambda result: Path(result.out_dir)
+        if nodes:  # the steps are in the store: what is registered is fetched here first
+            local_dir = lambda r: store.fetch_steps(step_store, root, {r.name.split(".")[0]: r.fingerprint})[r.name.split(".")[0]]
+        summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results, local_dir)
         tracker.end(run_id)
         summary["tracking"] = tracker.finish()
         write_json(summary_path, summary)
+        if nodes:  # where `pipelines.status --root <the URI>` finds it
+            step_store.put_json(f"runs/{run_id}.json", summary)
         print_summary(results, run_id, uri, summary_path)
         report_tracking(summary["tracking"], uri)
         return summary
@@ -217,7 +233,7 @@ def root_error(exc: BaseException) -> BaseException:
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """One line for the user, and whether it is a UserError (bad input or config)."""
     error = root_error(exc)
-    if isinstance(error, executor.DiskFull):
+    if isinstance(error, stopping.DiskFull):
         return str(error), False
     link = error
     while link is not None:
@@ -237,7 +253,7 @@ def main(dict_cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
         sys.exit(130)
-    except executor.Preempted as stopped:
+    except stopping.Preempted as stopped:
         print(str(stopped), file=sys.stderr)
         sys.exit(143)
     except Exception as exc:  # every failure ends in one readable line; details are in the step logs above

@@ -1,14 +1,16 @@
 """Where pipeline runs stand, read from the artifact root (run summaries, step manifests, step
 locks) and from MLflow (runs still going and failed ones, which have no summary yet).
 
-    python -m pipelines.status [--root DIR]               # recent runs
-    python -m pipelines.status [--root DIR] RUN_ID        # each step of one run
+    python -m pipelines.status [--root DIR|URI]           # recent runs
+    python -m pipelines.status [--root DIR|URI] RUN_ID    # each step of one run
 
 A step is `cached` (an earlier result was used), `done`, `running` (its lock has a fresh
 heartbeat), `failed` or `stopped` (its MLflow run says so), or `interrupted` (its MLflow run never
 ended and no launch holds its lock: the launch died; rerun the same command to continue).
 The root is --root, else $LMFORGE_ROOT, else ./lmforge_runs; MLflow is --tracking-uri, else
-$MLFLOW_TRACKING_URI, else the SQLite store under the root.
+$MLFLOW_TRACKING_URI, else the SQLite store under the root. A URI root (s3://..., file://...) is
+read from the store: its run summaries and step manifests; locks and the default MLflow store
+are then this machine's working copy (paths.cache / $LMFORGE_CACHE).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pipelines import artifacts, locks, tracking
+from pipelines import store as store_module
+from tasks.common import UserError
 
 STATES = {"FAILED": "failed", "KILLED": "stopped"}
 
@@ -31,7 +35,7 @@ class StepRow:
     name: str
     state: str
     seconds: float | None
-    out_dir: Path
+    out_dir: Path | str
     node_ids: list[str] = field(default_factory=list)
 
 
@@ -57,10 +61,11 @@ def lock_is_fresh(root: Path, step: str, fingerprint: str) -> bool:
     return age < locks.STALE_S
 
 
-def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None, child: dict | None) -> StepRow:
+def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None, child: dict | None,
+             store=None) -> StepRow:
     base = name.split(".")[0]
-    out_dir = artifacts.step_dir(root, base, fingerprint)
-    manifest = artifacts.read_manifest(out_dir) or {}
+    out_dir = store.location(base, fingerprint) if store else artifacts.step_dir(root, base, fingerprint)
+    manifest = (store.manifest(base, fingerprint) if store else artifacts.read_manifest(out_dir)) or {}
     state = step_state((summary_step or {}).get("status"), (child or {}).get("status"),
                        (child or {}).get("tags", {}).get("lmforge.status"), bool(manifest),
                        lock_is_fresh(root, base, fingerprint))
@@ -75,17 +80,18 @@ def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None,
     return StepRow(name, state, seconds, out_dir, manifest.get("placement", {}).get("node_ids", []))
 
 
-def run_steps(root: Path, summary: dict | None, children: list[dict]) -> list[StepRow]:
+def run_steps(root: Path, summary: dict | None, children: list[dict], store=None) -> list[StepRow]:
     """Each step of one run: the summary's steps (a finished run), else the steps MLflow has seen."""
     by_name = {c["tags"].get("lmforge.step", c["name"]): c for c in children}
     if summary:
-        return [step_row(root, s["name"], s["fingerprint"], s, by_name.get(s["name"])) for s in summary["steps"]]
+        return [step_row(root, s["name"], s["fingerprint"], s, by_name.get(s["name"]), store) for s in summary["steps"]]
     ordered = sorted(children, key=lambda c: c.get("start") or 0)
-    return [step_row(root, name, c["tags"].get("lmforge.fingerprint", ""), None, c)
+    return [step_row(root, name, c["tags"].get("lmforge.fingerprint", ""), None, c, store)
             for c in ordered if (name := c["tags"].get("lmforge.step"))]
 
 
-def load_summaries(root: Path) -> dict[str, dict]:
+def load_summaries(root: Path, store=None) -> dict[str, dict]:
+    """Run summaries under the root, and in the store when the root is one."""
     found = {}
     for path in (root / "runs").glob("*.json"):
         try:
@@ -93,6 +99,8 @@ def load_summaries(root: Path) -> dict[str, dict]:
         except (OSError, ValueError):
             continue
         found[summary.get("run_id", path.stem)] = {**summary, "written_at": path.stat().st_mtime}
+    for summary, written_at in store.summaries() if store else ():
+        found.setdefault(summary.get("run_id", ""), {**summary, "written_at": written_at})
     return found
 
 
@@ -151,9 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="lmforge", help="MLflow experiment (tracking.experiment)")
     parser.add_argument("--limit", type=int, default=20, help="runs listed")
     args = parser.parse_args(argv)
-    root = Path(args.root).resolve()
+    store = None
+    if store_module.is_uri(args.root):
+        try:
+            store = store_module.open_store(args.root, "--root")
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        root = store_module.cache_root("")
+    else:
+        root = Path(args.root).resolve()
     uri = tracking_uri(root, args.tracking_uri)
-    summaries = load_summaries(root)
+    summaries = load_summaries(root, store)
     if args.run_id is None:
         parents = tracking.find_runs(uri, args.experiment, limit=args.limit) if uri else []
         print_runs(list_runs(summaries, parents, args.limit))
@@ -161,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summaries.get(args.run_id)
     parent = tracking.find_run(uri, args.run_id) if uri else None
     if summary is None and parent is None:
-        print(f"error: no run {args.run_id} under {root}" + ("" if uri else " (and no MLflow store to ask)"),
+        print(f"error: no run {args.run_id} under {store.uri if store else root}" + ("" if uri else " (and no MLflow store to ask)"),
               file=sys.stderr)
         return 2
     children = tracking.find_runs(uri, args.experiment, parent_id=args.run_id) if parent else []
     experiment = (summary or {}).get("experiment") or parent["name"]
-    print(f"run {args.run_id} ({experiment}): {parent['status'].lower() if parent else 'finished'}, root {root}")
-    print_steps(run_steps(root, summary, children))
+    print(f"run {args.run_id} ({experiment}): {parent['status'].lower() if parent else 'finished'}, "
+          f"root {store.uri if store else root}")
+    print_steps(run_steps(root, summary, children, store))
     return 0
 
 

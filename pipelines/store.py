@@ -1,17 +1,25 @@
-"""The step store: a copy of every published step directory in an object store or any other
-pyarrow.fs location (`paths.store`: s3://bucket/prefix, gs://..., hdfs://..., file:///...).
+"""The step store: step directories in an object store or any other pyarrow.fs location
+(s3://bucket/prefix, gs://..., hdfs://..., file:///...). Two uses:
 
-A run on another machine, or on a fresh ephemeral cluster, finds its finished steps there and
-downloads them instead of computing them again; the store outlives the cluster. The layout is
-the local one: `<store>/<step>/<fingerprint>/`. Uploads put every file first and the manifest
-last: object stores write single objects atomically, so a step without its manifest is never
-taken as a result, exactly as on disk. Downloads are checked against the manifest's sizes and
-SHA-256 before they are renamed into place under `paths.root`.
+- `paths.store`: a copy of every published step beside a local or shared `paths.root`. A run on
+  another machine, or on a fresh ephemeral cluster, finds its finished steps there and downloads
+  them instead of computing them again; the store outlives the cluster.
+- `paths.root` itself a URI: the store is the only place the nodes share. Each node keeps its own
+  working copy (`cache_root`): a step fetches its inputs from the store onto the node it runs on
+  (`fetch_steps`), writes there, and uploads its result (executor.py).
+
+The layout is the local one: `<store>/<step>/<fingerprint>/`. Uploads put every file first and
+the manifest last: object stores write single objects atomically, so a step without its manifest
+is never taken as a result, exactly as on disk. Downloads are checked against the manifest's
+sizes and SHA-256 before they are renamed into place.
 
     open_store(uri) -> Store | None;  store.manifest(step, fp);  store.push(step_dir);  store.pull(step, fp, root)
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,9 +29,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines import artifacts
-from tasks.common import UserError, files_problem
+from conf.schema import cache_dir
+from tasks.common import UserError, files_problem, write_atomic
 
 BLOCK = 1 << 20
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def cache_root(configured: str) -> Path:
+    """This node's working copy of the step directories when paths.root is a URI."""
+    return Path(cache_dir(configured)).resolve()
 
 
 @dataclass
@@ -34,6 +52,59 @@ class Store:
 
     def path(self, step: str, fingerprint: str, name: str = "") -> str:
         return "/".join(part for part in (self.base.rstrip("/"), step, fingerprint, name) if part)
+
+    def location(self, step: str, fingerprint: str) -> str:
+        """The stored step's address as a user would type it."""
+        return f"{self.uri.rstrip('/')}/{step}/{fingerprint}"
+
+    def put_json(self, name: str, payload) -> None:
+        """A small object below the store's base (a training outcome, a stop request, a run summary)."""
+        target = f"{self.base.rstrip('/')}/{name}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(target) as sink:
+            sink.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+    def get_json(self, name: str):
+        """put_json's object, or None when there is none (or it is unreadable)."""
+        try:
+            with self.fs.open_input_stream(f"{self.base.rstrip('/')}/{name}") as stream:
+                return json.loads(stream.read())
+        except (FileNotFoundError, OSError, pa.ArrowException, ValueError):
+            return None
+
+    def summaries(self) -> list[tuple[dict, float]]:
+        """The run summaries launches put under `runs/`, with their modification times."""
+        key = f"{self.base.rstrip('/')}/runs"
+        found = []
+        for info in self.fs.get_file_info(pafs.FileSelector(key, allow_not_found=True)):
+            summary = self.get_json(f"runs/{info.base_name}") if info.base_name.endswith(".json") else None
+            if isinstance(summary, dict):
+                found.append((summary, info.mtime.timestamp() if info.mtime else 0.0))
+        return found
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(f"{self.base.rstrip('/')}/{name}")
+        except (FileNotFoundError, OSError, pa.ArrowException):
+            pass
+
+    def delete_dir(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError, pa.ArrowException):
+            self.fs.delete_dir(f"{self.base.rstrip('/')}/{name}")
+
+    def fetch(self, step: str, fingerprint: str, names: list[str], directory: Path) -> list[Path]:
+        """Copies of some of a stored step's files (those it has) in `directory`: what the driver
+        shows in MLflow, without downloading the whole step."""
+        manifest = self.manifest(step, fingerprint) or {}
+        fetched = []
+        for name in names:
+            if name != artifacts.MANIFEST and name not in manifest.get("files", {}):
+                continue
+            with self.fs.open_input_stream(self.path(step, fingerprint, name)) as source, \
+                    open(directory / name, "wb") as sink:
+                shutil.copyfileobj(source, sink, BLOCK)
+            fetched.append(directory / name)
+        return fetched
 
     def manifest(self, step: str, fingerprint: str) -> dict | None:
         """The stored step's manifest if it is complete and unedited, else None."""
@@ -80,15 +151,139 @@ class Store:
         return manifest
 
 
-def open_store(uri: str) -> Store | None:
-    """The store of `paths.store` (None when unset); UserError naming the key when it cannot be used."""
+def open_store(uri: str, key: str = "paths.store") -> Store | None:
+    """The store at `uri` (None when unset); UserError naming the config key when it cannot be used."""
     if not uri:
         return None
-    if "://" not in uri:
-        raise UserError(f"paths.store: '{uri}' is not a URI (s3://bucket/prefix, gs://..., file:///abs/path)")
+    if not is_uri(uri):
+        raise UserError(f"{key}: '{uri}' is not a URI (s3://bucket/prefix, gs://..., file:///abs/path)")
     try:
         fs, base = pafs.FileSystem.from_uri(uri)
         fs.get_file_info(base)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UserError(f"paths.store: cannot use {uri} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{key}: cannot use {uri} ({str(exc).splitlines()[0]})") from None
     return Store(uri, fs, base)
+
+
+def fetch_steps(store: Store, root: Path, wanted: dict[str, str], say=print) -> dict[str, Path]:
+    """Each wanted step (name -> fingerprint) as a directory under this node's `root`, downloaded
+    from the store unless the node already holds the stored version. Under the step's lock on this
+    node: the ranks of a training job that share a node download once."""
+    from pipelines import locks  # the store module is imported by node-side code that needs no locks otherwise
+
+    found = {}
+    for step, fingerprint in wanted.items():
+        directory = artifacts.step_dir(root, step, fingerprint)
+        stored = store.manifest(step, fingerprint)
+        if stored is None:
+            raise UserError(f"paths.root: {store.location(step, fingerprint)} has no complete step")
+        local = artifacts.read_manifest(directory)
+        if not (local and local.get("digest") == stored["digest"]):
+            (root / step).mkdir(parents=True, exist_ok=True)
+            with locks.step_lock(locks.lock_path(root, step, fingerprint, "fetch"), say):
+                local = artifacts.read_manifest(directory)
+                if not (local and local.get("digest") == stored["digest"]):
+                    store.pull(step, fingerprint, root)
+                    say(f"fetched {step} {fingerprint} from {store.uri}")
+        found[step] = directory
+    return found
+
+
+def publish(staging: Path, root: Path, store: Store, manifest: dict) -> dict:
+    """Where paths.root is a URI, on the node that holds the result: seal it, upload it (the
+    manifest last), then keep it in this node's working copy."""
+    manifest = artifacts.seal(staging, manifest)
+    store.push(staging, manifest)
+    artifacts.install(staging, artifacts.step_dir(root, manifest["step"], manifest["fingerprint"]), manifest)
+    return manifest
+
+
+def relocate(section, driver_root: Path, root: Path, store: Store, say=print):
+    """An ensemble's member directories, planned under the driver's working copy, as directories
+    on this node (fetched from the store)."""
+    if not getattr(section, "member_dirs", None):
+        return section
+
+    def here(path: str) -> str:
+        step, fingerprint = Path(path).relative_to(driver_root).parts[:2]
+        return str(fetch_steps(store, root, {step: fingerprint}, say)[step])
+
+    return dataclasses.replace(section, member_dirs={k: here(v) for k, v in section.member_dirs.items()},
+                               member_inputs={k: {dep: here(p) for dep, p in v.items()}
+                                              for k, v in section.member_inputs.items()})
+
+
+def _skipped(parts, exclude: tuple[str, ...]) -> bool:
+    """Dot-files (a launch's owner token, a stop request) and excluded sub-folders stay on the node."""
+    return any(part.startswith(".") or part in exclude for part in parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(uri: str) -> Store:
+    return open_store(uri, "paths.root")
+
+
+@dataclass(frozen=True)
+class NodeMirror:
+    """What must outlive a node, where nodes share no directory: a training step's checkpoints
+    (each node uploads the shards of its own ranks), loss history and best weights
+    (tasks/checkpoints.py calls it). A local path below `root` maps to the same place in the store."""
+    store_uri: str
+    root: str
+
+    def _key(self, path: Path) -> str:
+        store = _opened(self.store_uri)
+        return "/".join([store.base.rstrip("/"), *Path(path).resolve().relative_to(Path(self.root).resolve()).parts])
+
+    def _listing(self, path: Path) -> dict[str, int]:
+        """The store's files below `path`: relative name -> size."""
+        store, key = _opened(self.store_uri), self._key(path)
+        infos = store.fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True))
+        return {info.path[len(key) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
+
+    def upload(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        """A file, or the files below a folder (not dot-files, nor below `exclude`d sub-folders).
+        replace=False keeps stored files of the same size (checkpoint shards never change);
+        replace=True also removes stored files that are gone here."""
+        fs, path = _opened(self.store_uri).fs, Path(path)
+        if path.is_file():
+            local, stored = {"": path}, {}
+        else:
+            local = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
+                     if f.is_file() and not _skipped(f.relative_to(path).parts, exclude)}
+            stored = self._listing(path)
+        for name, file in local.items():
+            if replace or stored.get(name) != file.stat().st_size:
+                target = self._key(file)
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                with open(file, "rb") as source, fs.open_output_stream(target) as sink:
+                    shutil.copyfileobj(source, sink, BLOCK)
+        for name in (set(stored) - set(local)) if replace else ():
+            if not _skipped(name.split("/"), exclude):
+                fs.delete_file(f"{self._key(path)}/{name}")
+
+    def download(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        """The store's files below `path` (not dot-files, nor below `exclude`d sub-folders);
+        replace=False keeps local files of the same size."""
+        fs, key = _opened(self.store_uri).fs, self._key(path)
+        for name, size in self._listing(path).items():
+            target = Path(path) / name
+            if _skipped(name.split("/"), exclude) or (
+                    not replace and target.is_file() and target.stat().st_size == size):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{key}/{name}") as source:
+                write_atomic(target, lambda sink: shutil.copyfileobj(source, sink, BLOCK))
+
+    def folders(self, path: Path) -> list[str]:
+        """The names of the store's sub-folders of `path`."""
+        store, key = _opened(self.store_uri), self._key(path)
+        infos = store.fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+    def has(self, path: Path) -> bool:
+        return _opened(self.store_uri).fs.get_file_info(self._key(path)).type == pafs.FileType.File
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError, pa.ArrowException):
+            _opened(self.store_uri).fs.delete_dir(self._key(path))

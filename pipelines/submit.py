@@ -2,6 +2,7 @@
 id and follow its logs until it ends (exit 0 when it succeeded).
 
     python -m pipelines.submit +experiment=quickstart paths.root=/shared/lmforge [overrides]
+    python -m pipelines.submit +experiment=quickstart paths.root=s3://bucket/lmforge   # nodes share no disk
     python -m pipelines.submit --no-follow +experiment=quickstart ...   # print the job id and return
 
 The cluster is `ray.address=...` or $RAY_ADDRESS: the dashboard (`http://head:8265`) or any
@@ -47,9 +48,10 @@ def compose(overrides: list[str]) -> Config:
 
 def check_submittable(cfg: Config) -> None:
     validate(cfg)
-    if not os.path.isabs(cfg.paths.root):
+    if not (os.path.isabs(cfg.paths.root) or "://" in cfg.paths.root):
         raise UserError(f"paths.root: '{cfg.paths.root}' is relative, and a submitted job runs in a fresh copy of "
-                        "the project; give an absolute path on storage every node mounts (paths.root=/shared/lmforge)")
+                        "the project; give an absolute path on storage every node mounts (paths.root=/shared/lmforge) "
+                        "or an object store (paths.root=s3://bucket/lmforge)")
 
 
 def entrypoint(overrides: list[str]) -> str:

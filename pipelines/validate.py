@@ -87,9 +87,8 @@ def check_bounds(tree, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     check_bounds(cfg)
-    check("://" not in cfg.paths.root,
-          f"paths.root: '{cfg.paths.root}' is a URI, but steps read and write local files; use a shared filesystem "
-          "mounted on every node (NFS, EFS, Filestore, a ReadWriteMany volume) and give its path (cluster/README.md)")
+    check("://" not in cfg.paths.root or cfg.paths.store in ("", cfg.paths.root),
+          f"paths.store: with a URI paths.root ({cfg.paths.root}) the root is the store; leave paths.store empty")
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
           f"experiment_name: '{cfg.experiment_name}' must be 1-64 letters, digits, '_', '.' or '-' (no path parts)")
     validate_tracking(cfg)

@@ -26,6 +26,7 @@ from tasks.training import all_reduce_sum
 
 COMPLETE = "_complete.json"
 LATEST = "latest"
+BEST = "best"  # tasks/earlystop.py keeps the best weights there
 
 
 class UnsafeCheckpointError(UserError):
@@ -41,22 +42,72 @@ def tag_name(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, world: int, state: dict) -> None:
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def gather_records(mine: dict) -> dict:
+    """Every node's files of one checkpoint: where nodes share no directory, each holds its own ranks' shards."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {name: record for part in parts for name, record in part.items()}
+
+
+def save(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, world: int, state: dict,
+         mirror=None) -> None:
     """All ranks write their shards (with `state` as client state); rank 0 records them, then
-    moves `latest` and prunes old tags."""
+    moves `latest` and prunes old tags. With a `mirror` (nodes that share no directory: the
+    store) each node uploads its shards and rank 0 its loss history and best weights before the
+    record, which lists every node's files, is written and uploaded."""
     tag = tag_name(step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
                            client_state={**state, "step": step})
     barrier()
+    tag_dir = checkpoint_dir / tag
+    if mirror is None:
+        files = record_files(tag_dir, skip=COMPLETE) if rank == 0 else {}
+    else:
+        files = gather_records(record_files(tag_dir, skip=COMPLETE) if local_rank() == 0 else {})
+        if local_rank() == 0:
+            mirror.upload(tag_dir, replace=False)
+        if rank == 0:
+            mirror.upload(checkpoint_dir.parent, exclude=(checkpoint_dir.name,))
+            if (checkpoint_dir / BEST).is_dir():
+                mirror.upload(checkpoint_dir / BEST)
+        barrier()
     if rank == 0:
-        tag_dir = checkpoint_dir / tag
         write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                                        "files": record_files(tag_dir, skip=COMPLETE)})
+                                        "files": files})
         pointer = checkpoint_dir / f".{LATEST}.tmp"
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / LATEST)
+        if mirror is not None:
+            mirror.upload(tag_dir / COMPLETE)
+            for old in [t for t in mirror.folders(checkpoint_dir) if t.startswith("step")][:-keep]:
+                mirror.remove(checkpoint_dir / old)
+    if rank == 0 or (mirror is not None and local_rank() == 0):
         for old in sorted(checkpoint_dir.glob("step*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def fetch(mirror, checkpoint_dir: Path) -> None:
+    """Before resuming where nodes share no directory, each node's copy is made the store's: local
+    checkpoints the store lacks (or holds unfinished) are dropped, the newest intact stored one is
+    downloaded, and so are the loss history and best weights. A replaced node starts from nothing."""
+    if local_rank() == 0:
+        stored = [t for t in mirror.folders(checkpoint_dir) if t.startswith("step") and mirror.has(checkpoint_dir / t / COMPLETE)]
+        for tag_dir in checkpoint_dir.glob("step*"):
+            if tag_dir.name not in stored:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+        mirror.download(checkpoint_dir.parent, exclude=(checkpoint_dir.name,))
+        mirror.download(checkpoint_dir / BEST)
+        for tag in reversed(stored):
+            mirror.download(checkpoint_dir / tag, replace=False)
+            if problem(checkpoint_dir / tag) is None:
+                break
     barrier()
 
 
@@ -128,8 +179,9 @@ def weights_only_loading():
         torch.load = original
 
 
-def to_universal(tag_dir: Path, rank: int) -> Path:
-    """Convert a checkpoint written at another data-parallel degree (rank 0 does the work)."""
+def to_universal(tag_dir: Path, rank: int, mirror=None) -> Path:
+    """Convert a checkpoint written at another data-parallel degree (rank 0 does the work; with a
+    mirror, the other nodes download the result)."""
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     out_dir = tag_dir.parent / f"universal-{tag_dir.name}"
@@ -140,11 +192,17 @@ def to_universal(tag_dir: Path, rank: int) -> Path:
         with weights_only_loading():
             convert(args)
         write_json(out_dir / COMPLETE, {"source": tag_dir.name})
+        if mirror is not None:
+            mirror.upload(out_dir)
+    barrier()
+    if mirror is not None and rank != 0 and local_rank() == 0:
+        mirror.download(out_dir, replace=False)
     barrier()
     return out_dir
 
 
-def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn: Callable[[str], None]) -> dict:
+def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn: Callable[[str], None],
+         mirror=None) -> dict:
     """Load the chosen checkpoint into the engine; returns its client state."""
     tag_dir = checkpoint_dir / tag_name(record["step"])
     tag = tag_dir.name
@@ -152,7 +210,7 @@ def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn
         if rank == 0:
             warn(f"checkpoint {tag} was written by {record['world_size']} worker(s), resuming on {world}: "
                  f"converting it to DeepSpeed's universal format")
-        tag = to_universal(tag_dir, rank).name
+        tag = to_universal(tag_dir, rank, mirror).name
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag when loading
     with weights_only_loading():
         path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)

@@ -47,6 +47,9 @@ class TaskContext:
     work_dir: Path | None = None
     """A data step's working directory for what must survive a failed attempt (finished work units):
     fixed per fingerprint, kept until the step is published (the executor sets it); None: nothing survives."""
+    mirror: Any = None
+    """Where the Ray nodes share no directory (paths.root is a URI): uploads a training step's
+    checkpoints to the store and downloads them on resumption (pipelines/store.NodeMirror)."""
     extra: dict = field(default_factory=dict)
 
     def say(self, message: str) -> None:

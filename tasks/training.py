@@ -348,7 +348,7 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if done < cfg.max_steps and (periodic or stop):
                 started = time.monotonic()
-                save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank, state)
+                save_checkpoint(engine, checkpoint_dir, done, cfg.keep_checkpoints, log.rank, state, log.ctx.mirror)
                 log.exclude(time.monotonic() - started)
             if stop and done < cfg.max_steps:
                 if log.rank == 0:
@@ -410,7 +410,7 @@ def stop_on_sigterm(stop_file: Path):
         signal.signal(signal.SIGTERM, previous)
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, state: dict) -> None:
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, state: dict, mirror=None) -> None:
     """Never a checkpoint with non-finite weights. The data position is the step (the order is a
     function of it); the loss window and skip count travel along, so logged losses resume exactly."""
     from tasks import checkpoints
@@ -420,7 +420,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: in
         raise NonFiniteError(f"non-finite weights after step {step}; no checkpoint was written")
     _, world = rank_and_world()
     checkpoints.save(engine, checkpoint_dir, step, keep, rank, world,
-                     {**state, "torch_rng": torch.get_rng_state()})
+                     {**state, "torch_rng": torch.get_rng_state()}, mirror)
 
 
 def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
@@ -430,11 +430,13 @@ def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
     fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0, **FRESH_STATE}
     rank, world = rank_and_world()
     warn = log.ctx.say if log.rank == 0 else (lambda _message: None)
+    if log.ctx.mirror is not None:
+        checkpoints.fetch(log.ctx.mirror, checkpoint_dir)
     record = checkpoints.record_of(checkpoint_dir, rank, warn)
     if record is None:
         log.resume_at(0)  # an attempt that died before its first checkpoint may have left history
         return fresh
-    client_state = checkpoints.load(engine, checkpoint_dir, record, rank, world, warn)
+    client_state = checkpoints.load(engine, checkpoint_dir, record, rank, world, warn, log.ctx.mirror)
     torch.set_rng_state(client_state["torch_rng"])
     state = {key: client_state.get(key, value) for key, value in fresh.items()}
     log.resume_at(state["step"])
@@ -446,7 +448,7 @@ def remove_checkpoints(checkpoint_dir: Path, rank: int) -> None:
     from tasks import checkpoints
 
     checkpoints.barrier()
-    if rank == 0:
+    if rank == 0 or checkpoints.local_rank() == 0:  # each node's own copy, where nodes share no directory
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 

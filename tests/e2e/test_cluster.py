@@ -42,11 +42,13 @@ def ray_env() -> dict:
             "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def start_node(args: list[str], temp_dir: str, log: Path) -> subprocess.Popen:
+def start_node(args: list[str], temp_dir: str, log: Path, cache: Path) -> subprocess.Popen:
     # A short temp dir of its own per node: Unix socket paths are limited to 107 characters, and
     # two nodes sharing one would each forward the other's worker logs (every line twice).
+    # `cache`: the node's own working copy when paths.root is a URI (as a pod's local disk would be).
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
-                            env=ray_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**ray_env(), "LMFORGE_CACHE": str(cache)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_node(proc: subprocess.Popen) -> None:
@@ -76,20 +78,24 @@ def cluster(tmp_path_factory):
     gcs_port, dashboard_port = free_port(), free_port()
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     temp_dirs = [tempfile.mkdtemp(prefix="lmr", dir="/tmp") for _ in range(2)]
+    caches = [tmp_path_factory.mktemp(f"cache-{name}") for name in ("head", "worker")]
     nodes = []
     try:
         nodes.append(start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                                  f"--ray-client-server-port={free_port()}",
-                                 f"--dashboard-agent-listen-port={free_port()}"], temp_dirs[0], logs / "head.log"))
+                                 f"--dashboard-agent-listen-port={free_port()}"], temp_dirs[0], logs / "head.log",
+                                caches[0]))
         nodes.append(start_node([f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                                 f"--dashboard-agent-listen-port={free_port()}"], temp_dirs[1], logs / "worker.log"))
+                                 f"--dashboard-agent-listen-port={free_port()}"], temp_dirs[1], logs / "worker.log",
+                                caches[1]))
         deadline = time.monotonic() + 120
         while len(alive_node_ids(gcs)) < 2:
             assert time.monotonic() < deadline, (logs / "head.log").read_text()[-3000:] + (logs / "worker.log").read_text()[-3000:]
             assert all(n.poll() is None for n in nodes), "a `ray start` exited early"
             time.sleep(2)
-        yield {"gcs": gcs, "dashboard": dashboard, "root": tmp_path_factory.mktemp("cluster-runs")}
+        yield {"gcs": gcs, "dashboard": dashboard, "root": tmp_path_factory.mktemp("cluster-runs"), "caches": caches,
+               "store": tmp_path_factory.mktemp("cluster-store")}
     finally:
         for node in reversed(nodes):
             kill_node(node)
@@ -97,9 +103,9 @@ def cluster(tmp_path_factory):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(cluster, *overrides, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "pipelines.submit", "+experiment=tiny", f"paths.root={cluster['root']}",
-                           *overrides], cwd=REPO, env={**ray_env(), "RAY_ADDRESS": cluster["dashboard"]},
+def submit(cluster, *overrides, expect=0, root=None):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.submit", "+experiment=tiny",
+                           f"paths.root={root or cluster['root']}", *overrides], cwd=REPO, env={**ray_env(), "RAY_ADDRESS": cluster["dashboard"]},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     found = re.search(r"summary JSON:\s+(\S+)", proc.stdout)
@@ -139,3 +145,42 @@ def test_status_reports_each_step_of_the_run(cluster, first_job):
 def test_resubmission_is_all_cached(cluster, first_job):
     proc, summary = submit(cluster)
     assert {s["name"]: s["status"] for s in summary["steps"]} == {name: "cached" for name in STEPS}, proc.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def store_job(cluster, first_job):  # after the shared-root job: the two never run at once
+    return submit(cluster, root=f"file://{cluster['store']}")
+
+
+def test_object_store_root_runs_on_nodes_that_share_no_directory(cluster, store_job):
+    """paths.root is a URI: each node has only its own cache (LMFORGE_CACHE) and the store. Every
+    step fetched its inputs onto its node (the manifest's inputs lie in that node's cache) and
+    published to the store, and work ran on both nodes."""
+    proc, summary = store_job
+    assert re.search(r"job \S+: SUCCEEDED", proc.stdout), proc.stdout[-3000:]
+    assert {s["name"]: s["status"] for s in summary["steps"]} == {name: "ran" for name in STEPS}
+    store, caches = cluster["store"], [str(c) for c in cluster["caches"]]
+    cache_of_node, manifests = {}, {}
+    for step in summary["steps"]:
+        assert step["out_dir"] == f"file://{store}/{step['name']}/{step['fingerprint']}"
+        manifest = manifests[step["name"]] = artifacts.read_manifest(store / step["name"] / step["fingerprint"])
+        assert manifest and not artifacts.damage(store / step["name"] / step["fingerprint"], manifest)
+        node = manifest["placement"]["node_ids"][0]
+        for dep, path in manifest["inputs"].items():  # fetched onto the node that ran the step
+            cache = next(c for c in caches if path.startswith(c + "/"))
+            assert cache_of_node.setdefault(node, cache) == cache
+            assert artifacts.read_manifest(Path(path))["digest"] == manifests[dep]["digest"]
+    used = {m["placement"]["node_ids"][0] for m in manifests.values()}
+    assert len(used) == 2 and len(set(cache_of_node.values())) == len(cache_of_node), (used, cache_of_node)
+    assert not list(store.glob("*/.partial-*")) and not list(store.glob("*/.staging-*"))  # nothing half-done left
+
+
+def test_object_store_root_resubmission_is_all_cached_and_status_reads_the_store(cluster, store_job):
+    _, first = store_job
+    proc, summary = submit(cluster, root=f"file://{cluster['store']}")
+    assert {s["name"]: s["status"] for s in summary["steps"]} == {name: "cached" for name in STEPS}, proc.stdout[-3000:]
+    detail = subprocess.run([sys.executable, "-m", "pipelines.status", "--root", f"file://{cluster['store']}",
+                             first["run_id"]], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LMFORGE_CACHE": str(cluster["caches"][0])})
+    for step in first["steps"]:
+        assert re.search(rf"{step['name']}\s+done\s+[\d.]+\s+\w+\s+{re.escape(step['out_dir'])}", detail.stdout), detail.stdout

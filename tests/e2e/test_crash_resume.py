@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 LONG_PRETRAIN = ["pretrain.max_steps=150", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
@@ -59,9 +61,18 @@ def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table):
                 f"pretrain steps after the checkpoint at step {resumed}", "0")
 
 
-def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path, fault_table):
-    proc = start(tmp_path, workers=2)
-    reached = wait_for_step(tmp_path, proc, 25)
+@pytest.mark.parametrize("storage", ["shared", "object_store"])
+def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path, fault_table, storage):
+    """object_store: paths.root is a file:// store, and the rerun has a fresh working copy (another
+    machine): the stop request reaches the workers through the store, and the checkpoint is taken
+    from it."""
+    root, rerun_root, overrides = tmp_path, tmp_path, []
+    if storage == "object_store":
+        root, rerun_root = tmp_path / "cache-1", tmp_path / "cache-2"
+        overrides = [f"paths.cache={root}"]
+    uri = f"file://{tmp_path / 'store'}" if storage == "object_store" else str(tmp_path)
+    proc = start(uri, *overrides, workers=2)
+    reached = wait_for_step(root, proc, 25)
     assert 25 <= reached < 150, f"not stopped mid-pretraining (step {reached})"
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -72,10 +83,11 @@ def test_sigterm_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp
     assert reached <= stopped_at < 150
     assert "rerun the same command to continue" in output
 
-    output = finish(start(tmp_path, workers=1))
+    output = finish(start(uri, *([f"paths.cache={rerun_root}"] if storage == "object_store" else []), workers=1))
     assert "written by 2 worker(s), resuming on 1" in output
     assert f"resumed from the checkpoint at step {stopped_at}/150" in output
     assert "summary JSON" in output
-    fault_table("preemption (SIGTERM) of a 2-worker run, rerun on 1 worker", f"SIGTERM at step {reached}",
+    where = " (object-store root, rerun from a fresh working copy)" if storage == "object_store" else ""
+    fault_table(f"preemption (SIGTERM) of a 2-worker run, rerun on 1 worker{where}", f"SIGTERM at step {reached}",
                 f"checkpoint at step {stopped_at}, exit 143; rerun resumed there (universal checkpoint)",
                 "none (stopped at a step boundary)", "0")

@@ -1,7 +1,10 @@
 """The training loop on a tiny Llama and seeded random tokens, as one rank of a gloo group.
 The checkpoint tests run it in their own process (world 1) or as several processes.
 
-    python -m tests.integration.checkpoint_worker OUT_DIR RANK WORLD PORT ZERO_STAGE STOP_AT
+    python -m tests.integration.checkpoint_worker OUT_DIR RANK WORLD PORT ZERO_STAGE STOP_AT [STORE_URI NODE_ROOT]
+
+With STORE_URI the rank acts as a node that shares no directory with the others: OUT_DIR is below
+its own NODE_ROOT, and checkpoints go through the store (pipelines/store.NodeMirror).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ BASE = PretrainConfig(precision="fp32", micro_batch_size=2, global_batch_size=4,
 ROWS = np.random.default_rng(0).integers(0, VOCAB, (64, SEQ_LEN), dtype=np.uint16)
 
 
-def run(out_dir: Path, cfg: PretrainConfig, nan_steps=(), stop_at: int = 0, on_step=None) -> tuple[dict, object]:
+def run(out_dir: Path, cfg: PretrainConfig, nan_steps=(), stop_at: int = 0, on_step=None,
+        mirror=None) -> tuple[dict, object]:
     """Train; a NaN loss at each step in nan_steps; a stop request (as SIGTERM makes) during step
     stop_at (1-based); on_step(step, engine) before each step. Returns (metrics, engine)."""
     training.setup_worker(cfg)
@@ -45,7 +49,7 @@ def run(out_dir: Path, cfg: PretrainConfig, nan_steps=(), stop_at: int = 0, on_s
         return loss * float("nan") if batch.get("nan") else loss
 
     eval_batches = [{"input_ids": torch.from_numpy(ROWS[:2].astype(np.int64)), "weight": 2}]
-    log = training.TrainLog(TaskContext("pretrain"), rank, cfg.max_steps, cfg.global_batch_size * SEQ_LEN,
+    log = training.TrainLog(TaskContext("pretrain", mirror=mirror), rank, cfg.max_steps, cfg.global_batch_size * SEQ_LEN,
                             out_dir / "train_log.jsonl")
     metrics = training.train(engine, cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
     (out_dir / training.STOP_FILE).unlink(missing_ok=True)
@@ -55,12 +59,23 @@ def run(out_dir: Path, cfg: PretrainConfig, nan_steps=(), stop_at: int = 0, on_s
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    out_dir, rank, world, port, stage, stop_at = sys.argv[1], *map(int, sys.argv[2:])
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+    out_dir, rank, world, port, stage, stop_at = sys.argv[1], *map(int, sys.argv[2:7])
+    mirror = None
+    if len(sys.argv) > 7:
+        from pipelines.store import NodeMirror
+
+        mirror = NodeMirror(sys.argv[7], sys.argv[8])
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if mirror else rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = dataclasses.replace(BASE, zero_stage=stage, num_workers=world)
-    metrics, _ = run(Path(out_dir), cfg, stop_at=stop_at)
+    metrics, _ = run(Path(out_dir), cfg, stop_at=stop_at, mirror=mirror)
     if rank == 0:
         print("metrics", metrics, flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    # gloo's threads sometimes abort the interpreter's teardown ("terminate called without an
+    # active exception"); everything is written and flushed by now.
+    sys.stdout.flush()
+    os._exit(0)

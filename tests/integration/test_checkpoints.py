@@ -160,3 +160,46 @@ def test_an_attempt_whose_directory_was_taken_over_stops_without_writing(single_
     with pytest.raises(training.Superseded, match="another launch took over"):
         run(out_dir, dataclasses.replace(BASE, checkpoint_every=2), on_step=take_over)
     assert sorted(p.name for p in (out_dir / "checkpoints").glob("step*")) == ["step00000002"]  # none after step 3
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nodes_that_share_no_directory_resume_through_the_store(single_rank, tmp_path, stage):
+    """Two ranks as two nodes, each with its own directory, and a file:// store between them (what
+    an object-store paths.root gives a multi-node training step). Stopped at step 3, then resumed
+    with rank 0 on a fresh node and rank 1 where rank 0 was: the losses are those of an
+    uninterrupted run."""
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def launch(out_dirs: list, stop_at: int, *node_roots):
+        port = free_port()
+        workers = [subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.checkpoint_worker", str(out_dirs[rank]), str(rank), "2", port,
+             str(stage), str(stop_at), *([f"file://{store}", str(node_roots[rank])] if node_roots else [])],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+        for worker, output in zip(workers, outputs):
+            assert worker.returncode == 0, output[-3000:]
+        return outputs[0]
+
+    reference = fresh_dir(tmp_path, "reference")
+    launch([reference, reference], 0)  # one shared directory, uninterrupted
+    nodes = {name: tmp_path / f"node-{name}" for name in ("a", "b", "c")}
+    work = {name: root / "pretrain" / ".partial-x" for name, root in nodes.items()}
+
+    launch([work["a"], work["b"]], 3, nodes["a"], nodes["b"])
+    stored = store / "pretrain" / ".partial-x" / "checkpoints"
+    assert sorted(p.name for p in stored.glob("step*")) == ["step00000002", "step00000003"]
+    record = json.loads((stored / "step00000003" / checkpoints.COMPLETE).read_text())
+    on_a = set(p.name for p in (work["a"] / "checkpoints" / "step00000003").iterdir())
+    on_b = set(p.name for p in (work["b"] / "checkpoints" / "step00000003").iterdir())
+    assert on_a - on_b and on_b - on_a  # each node holds only its own ranks' shards ...
+    assert set(record["files"]) == (on_a | on_b) - {checkpoints.COMPLETE}  # ... the record lists both
+    assert (store / "pretrain" / ".partial-x" / "train_log.jsonl").is_file()
+
+    assert "resumed from the checkpoint at step 3/8" in launch([work["c"], work["a"]], 0, nodes["c"], nodes["a"])
+    resumed, expected = history(work["c"]), history(reference)
+    assert [r[0] for r in resumed] == [r[0] for r in expected]
+    assert [r[1] for r in resumed] == pytest.approx([r[1] for r in expected], rel=1e-5)
+    assert [r[2] for r in resumed if r[2]] == pytest.approx([r[2] for r in expected if r[2]], rel=1e-5)
+    assert len([r for r in resumed if r[2]]) == 2

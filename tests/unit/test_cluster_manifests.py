@@ -115,26 +115,39 @@ def test_command_composes_and_validates_with_a_root_on_the_shared_volume(where, 
     cfg = compose_config(overrides)
     validate(cfg)
     assert any(o.startswith("+experiment=") for o in overrides), f"{where}: names no experiment"
+    if "://" in cfg.paths.root:  # an object-store root: the nodes share no volume (raycluster-objectstore.yaml)
+        assert cfg.paths.root.split("://")[0] in ("s3", "gs", "hdfs", "abfs", "file"), f"{where}: {cfg.paths.root}"
+        return
     root = Path(cfg.paths.root)
     assert root.is_absolute(), f"{where}: paths.root {root} is not absolute"
     assert any(root.is_relative_to(m) for m in mount_paths()), f"{where}: paths.root {root} is on no shared mount"
 
 
-def test_rayjobs_target_the_raycluster_and_every_pod_mounts_the_artifact_volume():
-    cluster = by_kind("RayCluster")[0]
+def test_rayjobs_target_a_raycluster_and_every_pod_mounts_its_artifact_storage():
+    """A RayCluster with a shared root mounts the ReadWriteMany claim on every pod; one whose root
+    is an object store mounts, on every pod, a local volume at its $LMFORGE_CACHE instead."""
+    clusters = {c["metadata"]["name"]: c for c in by_kind("RayCluster")}
+    assert len(clusters) == 2
     for job in by_kind("RayJob"):
-        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        assert job["spec"]["clusterSelector"]["ray.io/cluster"] in clusters
     claims = {doc["metadata"]["name"] for doc in by_kind("PersistentVolumeClaim")
               if "ReadWriteMany" in doc["spec"]["accessModes"]}
-    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
-    for group in groups:
-        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-        for container in group["template"]["spec"]["containers"]:
-            mounted = [volumes[m["name"]] for m in container["volumeMounts"] if m["mountPath"] != "/dev/shm"]
-            assert [v["persistentVolumeClaim"]["claimName"] for v in mounted] == [*claims]
-    gpus = [g for g in cluster["spec"]["workerGroupSpecs"]
-            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
-    assert gpus and gpus[0]["maxReplicas"] > 0
+    env = {doc["metadata"]["name"]: doc["data"] for doc in by_kind("ConfigMap")}
+    for cluster in clusters.values():
+        groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+        for group in groups:
+            volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+            for container in group["template"]["spec"]["containers"]:
+                settings = next(env[ref["configMapRef"]["name"]] for ref in container["envFrom"] if "configMapRef" in ref)
+                mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if m["mountPath"] != "/dev/shm"}
+                if "://" in settings["LMFORGE_ROOT"]:
+                    assert list(mounts) == [settings["LMFORGE_CACHE"]] and "emptyDir" in mounts[settings["LMFORGE_CACHE"]]
+                else:
+                    assert [v["persistentVolumeClaim"]["claimName"] for v in mounts.values()] == [*claims]
+                    assert Path(settings["LMFORGE_ROOT"]).is_relative_to(*mounts)
+        gpus = [g for g in cluster["spec"]["workerGroupSpecs"]
+                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        assert gpus and gpus[0]["maxReplicas"] > 0
 
 
 def test_schedule_creates_the_rayjob_it_ships_with_the_rights_it_needs():
@@ -160,8 +173,8 @@ def test_ray_up_config_has_a_head_and_a_gpu_worker_group_on_the_same_image():
     assert config["head_node_type"] in types
     workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
     assert any(t["max_workers"] > 0 and t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers.values())
-    images = {config["docker"]["image"]} | {c["image"] for group in find_key(by_kind("RayCluster")[0], "containers")
-                                            for c in group}
+    images = {config["docker"]["image"]} | {c["image"] for cluster in by_kind("RayCluster")
+                                            for group in find_key(cluster, "containers") for c in group}
     assert len(images) == 1, images
 
 

@@ -1,0 +1,147 @@
+"""How a run stops early and keeps what it finished: SIGTERM (a preemption) asks a running
+training step to checkpoint and return (`STOP`, `Preempted`), through a file in the step's
+directory (`fit_here`) or, where nodes share no directory, an object in the store
+(`fit_on_nodes`, `watch_stop_request`); a step that fails on a full disk is reported as such
+(`DiskFull`, `out_of_space`). Used by executor.py and run.py; it gets the Ray Train trainer from
+executor.py and knows no Ray itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipelines import artifacts
+from tasks.training import OWNER_FILE, STOP_FILE
+
+STOP_GRACE_SECONDS = 300  # after SIGTERM, the longest wait for a training step's checkpoint
+
+
+LOW_SPACE_BYTES = 1 << 20  # a step that fails with less free space than this is taken to have filled the disk
+
+
+class DiskFull(Exception):
+    """A step failed because its filesystem is full; nothing partial was published."""
+
+
+def out_of_space(error: BaseException, directory: Path) -> bool:
+    """Whether a step's failure comes from a full disk: ENOSPC anywhere in its message (Ray and
+    torch re-wrap OSErrors), or (torch reports only 'file write failed') almost no space left."""
+    if "No space left on device" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory if directory.exists() else directory.parent).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run; finished steps and the running training step's checkpoint are kept."""
+
+
+class StopRequest:
+    """SIGTERM handling for the driver. During a training step it asks the workers (through a
+    file in the step's directory, or an object in the store) to checkpoint at the end of their current step and return;
+    otherwise it stops at once. A second SIGTERM, or no checkpoint within STOP_GRACE_SECONDS,
+    ends the process."""
+
+    def __init__(self):
+        self.requested = False
+        self.on_stop = None  # set during a training step: asks its workers to stop
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def handle(self, *_):
+        import sys
+        import threading
+
+        if self.requested or self.on_stop is None:
+            if self.requested:
+                print("second SIGTERM: stopping now", file=sys.stderr, flush=True)
+                os._exit(143)
+            self.requested = True
+            raise Preempted("stopped by SIGTERM; finished steps are kept")
+        self.requested = True
+        print("SIGTERM: the training step checkpoints at the end of its current step, then the run stops",
+              file=sys.stderr, flush=True)
+        self.on_stop()
+        timer = threading.Timer(STOP_GRACE_SECONDS, lambda: (print(
+            f"no checkpoint within {STOP_GRACE_SECONDS} s of SIGTERM: stopping now", file=sys.stderr, flush=True),
+            os._exit(143)))
+        timer.daemon = True
+        timer.start()
+
+
+STOP = StopRequest()
+
+
+def fit_here(trainer, out_dir: Path, token: str) -> dict:
+    """Train with the step's directory on a root every node sees; what rank 0 reported."""
+    metrics_path = out_dir / artifacts.TRAIN_METRICS
+    reported = artifacts.finished_training(out_dir)  # its driver was killed after training, before publishing
+    if reported is None:
+        (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
+        # Workers of an attempt whose driver was killed may still run for a few seconds: the
+        # owner file tells them they were replaced (tasks/training.py), so they stop writing.
+        (out_dir / OWNER_FILE).write_text(token)
+        STOP.on_stop = (out_dir / STOP_FILE).touch
+        try:
+            trainer.fit()
+        finally:
+            STOP.on_stop = None
+        (out_dir / STOP_FILE).unlink(missing_ok=True)
+        reported = json.loads(metrics_path.read_text())
+    (out_dir / OWNER_FILE).unlink(missing_ok=True)
+    metrics_path.unlink()
+    return reported
+
+
+def fit_on_nodes(trainer, store, stop_name: str, outcome_name: str) -> dict:
+    """Train where the nodes share only the store: a stop request and rank 0's report go through it."""
+    for name in (stop_name, outcome_name):  # left by an earlier, stopped attempt
+        store.delete(name)
+    STOP.on_stop = lambda: store.put_json(stop_name, {"requested_at": time.time()})
+    try:
+        trainer.fit()
+    finally:
+        STOP.on_stop = None
+    reported = store.get_json(outcome_name)
+    for name in (stop_name, outcome_name):
+        store.delete(name)
+    if reported is None:
+        raise RuntimeError(f"training ended without rank 0's report ({store.uri}/{outcome_name})")
+    if "stopped_at_step" not in reported["metrics"]:  # published: its checkpoints are no longer needed
+        store.delete_dir(outcome_name.rsplit("/", 1)[0])
+    return reported
+
+
+STOP_POLL_S = 1.0  # one small read of the store per second
+
+
+def watch_stop_request(store, stop_name: str, stop_file: Path):
+    """Rank 0 mirrors the driver's stop request from the store into its own directory; the ranks
+    agree on it through the all-reduce they already do (tasks/training.py). Returns the watch's end."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(STOP_POLL_S):
+            if store.get_json(stop_name) is not None:
+                with contextlib.suppress(OSError):  # the step may have just finished
+                    stop_file.touch()
+
+    threading.Thread(target=watch, name="stop request", daemon=True).start()
+    return done.set
