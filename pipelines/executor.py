@@ -170,7 +170,8 @@ def _run_task_on_node(step, section, upstream: dict, base: dict, log_metrics, no
     with locks.step_lock(locks.lock_path(root, step.base, fingerprint, "node"), say):
         staging = artifacts.staging_dir(root, step.base, fingerprint)
         work_dir = artifacts.partial_dir(root, step.base, fingerprint)
-        ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=max(num_cpus, 1), work_dir=work_dir)
+        ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=max(num_cpus, 1), work_dir=work_dir,
+                          mirror=store_module.NodeMirror(nodes.store_uri, str(root)))  # finished work units
         ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result, node_id)
         try:
             metrics = step.fn(section, inputs, staging, ctx)
@@ -178,6 +179,7 @@ def _run_task_on_node(step, section, upstream: dict, base: dict, log_metrics, no
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)
+        store.delete_dir(f"{step.base}/{work_dir.name}")
     return manifest
 
 

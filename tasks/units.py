@@ -133,13 +133,22 @@ def run_units(units: list[Unit], compute: Callable, work_dir: Path, ctx: TaskCon
     """Every unit's part results, in order: those an earlier attempt finished are read back, the
     others computed in parallel tasks (`compute(unit) -> (part results, signatures or None)`)."""
     write_json(work_dir / PLAN, {"units": [unit.key for unit in units]})
+    mirror = ctx.mirror  # where nodes share no directory, finished units are kept in the store too
+    if mirror is not None:
+        mirror.download(work_dir / UNITS_DIR, replace=False)
     todo = [unit for unit in units if not finished(work_dir / UNITS_DIR / unit.key, ctx)]
     reused = len(units) - len(todo)
     if reused:
         ctx.say(f"{reused} of {len(units)} work units were finished by an earlier attempt: reusing them")
     progress = Progress(ctx, len(units), "work units", done=reused)
-    ctx.parallel_map(lambda unit: save(work_dir / UNITS_DIR / unit.key, *compute(unit), unit.size), todo,
-                     on_result=lambda _, done: progress.update(1, docs=done["docs_in"], MB=done["bytes"] / 1e6))
+
+    def finish(unit: Unit) -> dict:
+        done = save(work_dir / UNITS_DIR / unit.key, *compute(unit), unit.size)
+        if mirror is not None:
+            mirror.upload(work_dir / UNITS_DIR / unit.key)
+        return done
+
+    ctx.parallel_map(finish, todo, on_result=lambda _, done: progress.update(1, docs=done["docs_in"], MB=done["bytes"] / 1e6))
     return [load(work_dir / UNITS_DIR / unit.key) for unit in units], reused
 
 

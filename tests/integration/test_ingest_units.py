@@ -37,9 +37,10 @@ def write_corpus(corpus) -> DataConfig:
                       near_dedup=NearDedupConfig(enabled=True), docs_per_shard=40)
 
 
-def run_ingest(cfg: DataConfig, out_dir, work_dir=None, parallel_map=serial_map) -> dict:
+def run_ingest(cfg: DataConfig, out_dir, work_dir=None, parallel_map=serial_map, mirror=None) -> dict:
     out_dir.mkdir(parents=True)
-    return ingest.run(cfg, {}, out_dir, TaskContext("ingest", parallel_map=parallel_map, work_dir=work_dir))
+    return ingest.run(cfg, {}, out_dir, TaskContext("ingest", parallel_map=parallel_map, work_dir=work_dir,
+                                                    mirror=mirror))
 
 
 def step_files(out_dir) -> dict[str, bytes]:
@@ -108,3 +109,25 @@ def test_finished_units_are_reused_and_damaged_ones_computed_again(tmp_path, cap
     assert f"work unit {unit_dirs[0].name}: {units.DOCS} is truncated" in err and "computing it again" in err
     assert f"{units.SIGNATURES} is missing" in err
     assert step_files(tmp_path / "attempt3") == step_files(tmp_path / "uninterrupted")
+
+
+def test_finished_units_of_another_node_are_reused_through_the_store(tmp_path):
+    """paths.root is a URI: the node that ran the first attempt is gone; the next attempt, on a node
+    with an empty directory, takes the finished units from the store."""
+    from pipelines.store import NodeMirror
+
+    cfg = dataclasses.replace(write_corpus(tmp_path / "corpus"), shard_bytes=3000)
+    expected = run_ingest(cfg, tmp_path / "uninterrupted")
+    (tmp_path / "store").mkdir()
+    nodes = {name: tmp_path / name for name in ("node-a", "node-b")}
+    mirrors = {name: NodeMirror((tmp_path / "store").as_uri(), str(root)) for name, root in nodes.items()}
+    work = {name: root / "ingest" / ".partial-x" for name, root in nodes.items()}
+    with pytest.raises(Crash):
+        run_ingest(cfg, tmp_path / "attempt1", work["node-a"], crashing_map(after=5), mirrors["node-a"])
+    assert len(list((tmp_path / "store" / "ingest" / ".partial-x" / units.UNITS_DIR).glob(f"*/{units.RECORD}"))) == 5
+
+    computed = []
+    counting_map = lambda fn, items, on_result=None: computed.append(len(items)) or serial_map(fn, items, on_result)
+    metrics = run_ingest(cfg, tmp_path / "attempt2", work["node-b"], counting_map, mirrors["node-b"])
+    assert (metrics["units_reused"], computed) == (5, [expected["units_total"] - 5])
+    assert step_files(tmp_path / "attempt2") == step_files(tmp_path / "uninterrupted")
