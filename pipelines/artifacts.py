@@ -89,13 +89,12 @@ def seal(staging: Path, manifest: dict) -> dict:
 def publish(staging: Path, final: Path, manifest: dict) -> dict:
     """Write the manifest last, then move the finished directory into place."""
     manifest = seal(staging, manifest)
-    install(staging, final, manifest)
+    install(staging, final)
     return manifest
 
 
-def install(staging: Path, final: Path, manifest: dict) -> None:
-    """The manifest written last into a complete staging directory, then the directory renamed into place."""
-    write_json(staging / MANIFEST, manifest)
+def install(staging: Path, final: Path) -> None:
+    """A complete staging directory, its manifest written last, renamed into place."""
     if final.exists():  # a directory left by an attempt that never wrote its manifest
         shutil.rmtree(final)
     staging.rename(final)

@@ -153,7 +153,7 @@ class NodeRoots:
 
     def here(self):
         """This node's working copy and the store."""
-        return store_module.cache_root(self.cache), store_module.open_store(self.store_uri, "paths.root")
+        return store_module.cache_root(self.cache), store_module.root_store(self.store_uri)
 
 
 def _run_task_on_node(step, section, upstream: dict, base: dict, log_metrics, nodes: NodeRoots) -> dict:
@@ -312,7 +312,8 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
                 else:
                     say(f"running, {item.reason}")
                     manifest, ran = run_step(item, inputs, root, resources, tracker, run_id, nodes), True
-        if store is not None and not item.in_store and store.push(item.out_dir, manifest):
+        published_on_node = nodes and ran  # uploaded by the node that ran it
+        if store is not None and not item.in_store and not published_on_node and store.push(item.out_dir, manifest):
             say(f"uploaded to the step store {redact_text(store.uri)}")
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
@@ -321,7 +322,7 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
             shown = item.out_dir
             if nodes and not artifacts.read_manifest(item.out_dir):  # the step's files are on another node
                 shown = Path(fetched)
-                store.fetch(item.step.base, item.fingerprint, REVIEW_FILES, shown)
+                store.fetch(manifest, REVIEW_FILES, shown)
             show_step(tracker, run_id, name, shown)
         results.append(StepResult(name, "ran" if ran else "cached", seconds if ran else manifest.get("seconds", 0.0),
                                   item.fingerprint, store.location(item.step.base, item.fingerprint) if nodes

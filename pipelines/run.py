@@ -201,9 +201,12 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         summary_path.parent.mkdir(exist_ok=True)
         write_json(summary_path, summary)
         tracker.log_artifacts(run_id, [summary_path])
-        local_dir = lambda result: Path(result.out_dir)
-        if nodes:  # the steps are in the store: what is registered is fetched here first
-            local_dir = lambda r: store.fetch_steps(step_store, root, {r.name.split(".")[0]: r.fingerprint})[r.name.split(".")[0]]
+        def local_dir(result: executor.StepResult) -> Path:
+            if not nodes:
+                return Path(result.out_dir)
+            base = result.name.split(".")[0]  # the steps are in the store: what is registered is fetched here first
+            return store.fetch_steps(step_store, root, {base: result.fingerprint})[base]
+
         summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results, local_dir)
         tracker.end(run_id)
         summary["tracking"] = tracker.finish()

@@ -30,9 +30,23 @@ import pyarrow.fs as pafs
 
 from pipelines import artifacts
 from conf.schema import cache_dir
-from tasks.common import UserError, files_problem, write_atomic
+from tasks.common import UserError, files_problem, write_atomic, write_json
 
 BLOCK = 1 << 20
+
+
+def copy_up(fs: pafs.FileSystem, file: Path, target: str) -> None:
+    """A local file to the store (its folder made first)."""
+    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    with open(file, "rb") as source, fs.open_output_stream(target) as sink:
+        shutil.copyfileobj(source, sink, BLOCK)
+
+
+def copy_down(fs: pafs.FileSystem, source_key: str, file: Path) -> None:
+    """A stored file to a local one, replaced whole (a reader never sees half of it)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(source_key) as source:
+        write_atomic(file, lambda sink: shutil.copyfileobj(source, sink, BLOCK))
 
 
 def is_uri(path: str) -> bool:
@@ -51,7 +65,11 @@ class Store:
     base: str
 
     def path(self, step: str, fingerprint: str, name: str = "") -> str:
-        return "/".join(part for part in (self.base.rstrip("/"), step, fingerprint, name) if part)
+        return self.key(step, fingerprint, name)
+
+    def key(self, *parts: str) -> str:
+        """Where a relative name lies in the store."""
+        return "/".join(part for part in (self.base.rstrip("/"), *parts) if part)
 
     def location(self, step: str, fingerprint: str) -> str:
         """The stored step's address as a user would type it."""
@@ -59,7 +77,7 @@ class Store:
 
     def put_json(self, name: str, payload) -> None:
         """A small object below the store's base (a training outcome, a stop request, a run summary)."""
-        target = f"{self.base.rstrip('/')}/{name}"
+        target = self.key(name)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(target) as sink:
             sink.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8"))
@@ -67,44 +85,36 @@ class Store:
     def get_json(self, name: str):
         """put_json's object, or None when there is none (or it is unreadable)."""
         try:
-            with self.fs.open_input_stream(f"{self.base.rstrip('/')}/{name}") as stream:
+            with self.fs.open_input_stream(self.key(name)) as stream:
                 return json.loads(stream.read())
         except (FileNotFoundError, OSError, pa.ArrowException, ValueError):
             return None
 
     def summaries(self) -> list[tuple[dict, float]]:
         """The run summaries launches put under `runs/`, with their modification times."""
-        key = f"{self.base.rstrip('/')}/runs"
         found = []
-        for info in self.fs.get_file_info(pafs.FileSelector(key, allow_not_found=True)):
+        for info in self.fs.get_file_info(pafs.FileSelector(self.key("runs"), allow_not_found=True)):
             summary = self.get_json(f"runs/{info.base_name}") if info.base_name.endswith(".json") else None
             if isinstance(summary, dict):
                 found.append((summary, info.mtime.timestamp() if info.mtime else 0.0))
         return found
 
     def delete(self, name: str) -> None:
-        try:
-            self.fs.delete_file(f"{self.base.rstrip('/')}/{name}")
-        except (FileNotFoundError, OSError, pa.ArrowException):
-            pass
+        """A stored file, if it is there."""
+        with contextlib.suppress(FileNotFoundError, OSError, pa.ArrowException):
+            self.fs.delete_file(self.key(name))
 
     def delete_dir(self, name: str) -> None:
+        """A stored folder and all below it, if it is there."""
         with contextlib.suppress(FileNotFoundError, OSError, pa.ArrowException):
-            self.fs.delete_dir(f"{self.base.rstrip('/')}/{name}")
+            self.fs.delete_dir(self.key(name))
 
-    def fetch(self, step: str, fingerprint: str, names: list[str], directory: Path) -> list[Path]:
-        """Copies of some of a stored step's files (those it has) in `directory`: what the driver
-        shows in MLflow, without downloading the whole step."""
-        manifest = self.manifest(step, fingerprint) or {}
-        fetched = []
+    def fetch(self, manifest: dict, names: list[str], directory: Path) -> None:
+        """Copies of some of a stored step's files (those its manifest lists) in `directory`: what
+        the driver shows in MLflow, without downloading the whole step."""
         for name in names:
-            if name != artifacts.MANIFEST and name not in manifest.get("files", {}):
-                continue
-            with self.fs.open_input_stream(self.path(step, fingerprint, name)) as source, \
-                    open(directory / name, "wb") as sink:
-                shutil.copyfileobj(source, sink, BLOCK)
-            fetched.append(directory / name)
-        return fetched
+            if name == artifacts.MANIFEST or name in manifest["files"]:
+                copy_down(self.fs, self.path(manifest["step"], manifest["fingerprint"], name), directory / name)
 
     def manifest(self, step: str, fingerprint: str) -> dict | None:
         """The stored step's manifest if it is complete and unedited, else None."""
@@ -123,29 +133,25 @@ class Store:
             return False
         self.fs.create_dir(self.path(step, fingerprint), recursive=True)
         for name in [*manifest["files"], artifacts.MANIFEST]:
-            target = self.path(step, fingerprint, name)
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            with open(step_dir / name, "rb") as source, self.fs.open_output_stream(target) as sink:
-                shutil.copyfileobj(source, sink, BLOCK)
+            copy_up(self.fs, step_dir / name, self.path(step, fingerprint, name))
         return True
 
-    def pull(self, step: str, fingerprint: str, root: Path) -> dict:
-        """Download a stored step into `<root>/<step>/<fingerprint>/` (staged, checked, renamed)."""
-        manifest = self.manifest(step, fingerprint)
+    def pull(self, step: str, fingerprint: str, root: Path, manifest: dict | None = None) -> dict:
+        """Download a stored step into `<root>/<step>/<fingerprint>/` (staged, checked, renamed);
+        `manifest`: its stored manifest, when the caller has just read it."""
+        manifest = manifest or self.manifest(step, fingerprint)
         if manifest is None:
             raise UserError(f"paths.store: {self.path(step, fingerprint)} has no complete step")
         staging = artifacts.staging_dir(root, step, fingerprint)  # under the step's lock (the executor's)
         try:
             for name in manifest["files"]:
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open_input_stream(self.path(step, fingerprint, name)) as source, \
-                        open(staging / name, "wb") as sink:
-                    shutil.copyfileobj(source, sink, BLOCK)
+                copy_down(self.fs, self.path(step, fingerprint, name), staging / name)
             problem = files_problem(staging, manifest["files"])
             if problem:
                 raise UserError(f"paths.store: the stored {step} {fingerprint} is damaged ({problem}); "
                                 f"delete {self.path(step, fingerprint)} or rerun without paths.store")
-            artifacts.install(staging, artifacts.step_dir(root, step, fingerprint), manifest)
+            write_json(staging / artifacts.MANIFEST, manifest)
+            artifacts.install(staging, artifacts.step_dir(root, step, fingerprint))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
@@ -183,7 +189,7 @@ def fetch_steps(store: Store, root: Path, wanted: dict[str, str], say=print) -> 
             with locks.step_lock(locks.lock_path(root, step, fingerprint, "fetch"), say):
                 local = artifacts.read_manifest(directory)
                 if not (local and local.get("digest") == stored["digest"]):
-                    store.pull(step, fingerprint, root)
+                    store.pull(step, fingerprint, root, stored)
                     say(f"fetched {step} {fingerprint} from {store.uri}")
         found[step] = directory
     return found
@@ -194,7 +200,7 @@ def publish(staging: Path, root: Path, store: Store, manifest: dict) -> dict:
     manifest last), then keep it in this node's working copy."""
     manifest = artifacts.seal(staging, manifest)
     store.push(staging, manifest)
-    artifacts.install(staging, artifacts.step_dir(root, manifest["step"], manifest["fingerprint"]), manifest)
+    artifacts.install(staging, artifacts.step_dir(root, manifest["step"], manifest["fingerprint"]))
     return manifest
 
 
@@ -219,7 +225,8 @@ def _skipped(parts, exclude: tuple[str, ...]) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _opened(uri: str) -> Store:
+def root_store(uri: str) -> Store:
+    """The store of a URI paths.root, opened once per process (each open asks the store)."""
     return open_store(uri, "paths.root")
 
 
@@ -232,12 +239,12 @@ class NodeMirror:
     root: str
 
     def _key(self, path: Path) -> str:
-        store = _opened(self.store_uri)
+        store = root_store(self.store_uri)
         return "/".join([store.base.rstrip("/"), *Path(path).resolve().relative_to(Path(self.root).resolve()).parts])
 
     def _listing(self, path: Path) -> dict[str, int]:
         """The store's files below `path`: relative name -> size."""
-        store, key = _opened(self.store_uri), self._key(path)
+        store, key = root_store(self.store_uri), self._key(path)
         infos = store.fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True))
         return {info.path[len(key) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
 
@@ -245,7 +252,7 @@ class NodeMirror:
         """A file, or the files below a folder (not dot-files, nor below `exclude`d sub-folders).
         replace=False keeps stored files of the same size (checkpoint shards never change);
         replace=True also removes stored files that are gone here."""
-        fs, path = _opened(self.store_uri).fs, Path(path)
+        fs, path = root_store(self.store_uri).fs, Path(path)
         if path.is_file():
             local, stored = {"": path}, {}
         else:
@@ -254,10 +261,7 @@ class NodeMirror:
             stored = self._listing(path)
         for name, file in local.items():
             if replace or stored.get(name) != file.stat().st_size:
-                target = self._key(file)
-                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                with open(file, "rb") as source, fs.open_output_stream(target) as sink:
-                    shutil.copyfileobj(source, sink, BLOCK)
+                copy_up(fs, file, self._key(file))
         for name in (set(stored) - set(local)) if replace else ():
             if not _skipped(name.split("/"), exclude):
                 fs.delete_file(f"{self._key(path)}/{name}")
@@ -265,25 +269,22 @@ class NodeMirror:
     def download(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
         """The store's files below `path` (not dot-files, nor below `exclude`d sub-folders);
         replace=False keeps local files of the same size."""
-        fs, key = _opened(self.store_uri).fs, self._key(path)
+        fs, key = root_store(self.store_uri).fs, self._key(path)
         for name, size in self._listing(path).items():
             target = Path(path) / name
-            if _skipped(name.split("/"), exclude) or (
-                    not replace and target.is_file() and target.stat().st_size == size):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(f"{key}/{name}") as source:
-                write_atomic(target, lambda sink: shutil.copyfileobj(source, sink, BLOCK))
+            if not (_skipped(name.split("/"), exclude) or (
+                    not replace and target.is_file() and target.stat().st_size == size)):
+                copy_down(fs, f"{key}/{name}", target)
 
     def folders(self, path: Path) -> list[str]:
         """The names of the store's sub-folders of `path`."""
-        store, key = _opened(self.store_uri), self._key(path)
+        store, key = root_store(self.store_uri), self._key(path)
         infos = store.fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
 
     def has(self, path: Path) -> bool:
-        return _opened(self.store_uri).fs.get_file_info(self._key(path)).type == pafs.FileType.File
+        return root_store(self.store_uri).fs.get_file_info(self._key(path)).type == pafs.FileType.File
 
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError, OSError, pa.ArrowException):
-            _opened(self.store_uri).fs.delete_dir(self._key(path))
+            root_store(self.store_uri).fs.delete_dir(self._key(path))
