@@ -128,12 +128,19 @@ class DataConfig:
     kept document is written floor(w) times, plus once more for a seeded share frac(w) of them."""
     builtin: list[str] = field(default_factory=list)
     """Corpora that ship with Python: 'python_stdlib' (standard-library sources), 'pydoc_topics'."""
+    mix_builtin: bool = False
+    """Use data.paths and data.builtin together (a deliberate mix). Without it, a config naming both stops
+    at start: the built-in corpora usually come from the default data=stdlib, which the user meant to replace."""
     stdlib_exclude: list[str] = field(default_factory=list)
     """Standard-library packages left out of 'python_stdlib' (e.g. those a fine-tuning task is built from)."""
     text_field: str = "text"
     """Field (JSONL) or column (CSV/TSV, Parquet, Arrow) holding the document text."""
     max_bytes: int = 0
     """Deterministic sample of whole source files up to about this many bytes; 0 keeps everything."""
+    text_chunk_chars: int = 0
+    """Cut each text file (.txt/.md/.py/.rst) into documents of whole paragraphs (blank-line separated) of
+    up to about this many characters, so that one big file (a book, a dump) is many documents: the
+    filters, dedup and the validation split then work per chunk. 0: one document per file."""
     min_chars: int = 16
     """Documents shorter than this after normalisation are dropped (counted as 'too_short')."""
     on_error: str = "raise"
@@ -299,9 +306,9 @@ class EarlyStoppingConfig:
     patience: int = 0
     """Stop after this many validations in a row without improvement, and export the best weights
     (those of the best validation); 0: off (the last weights are exported)."""
-    metric: str = "val_loss"
-    """What is watched: 'val_loss' (lower is better) or, for classification, 'val_accuracy' (label
-    likelihood on the validation batches, higher is better)."""
+    metric: str = "auto"
+    """What is watched: 'val_loss' (lower is better), for classification 'val_accuracy' (on the
+    validation batches, higher is better), or 'auto': val_accuracy for classification, else val_loss."""
     min_delta: float = 0.0
     """An improvement must beat the best value by more than this."""
 
@@ -329,6 +336,24 @@ class AugmentConfig:
 class FinetuneConfig(TrainConfig):
     method: str = "lora"
     """'lora', 'prefix' (PEFT adapters) or 'full' (every weight; for comparison)."""
+    objective: str = "auto"
+    """'classifier': a sequence-classification head on the decoder's last hidden state (one logit per
+    label, cross-entropy; exported so AutoModelForSequenceClassification loads it); 'lm': the label
+    (or completion) as target tokens after the prompt, scored by likelihood; 'auto': classifier for
+    task.kind=classification, lm otherwise."""
+    init: str = "pretrained"
+    """'pretrained': start from the pretrain step's weights; 'random': the same architecture and
+    tokenizer from random initialisation (the no-pretraining control: does pretraining help?)."""
+    max_epochs: float = 0.0
+    """Budget in passes over the (augmented) training records: when > 0 it sets max_steps to
+    ceil(max_epochs x records / global_batch_size), replacing finetune.max_steps."""
+    replay_fraction: float = 0.0
+    """Continual learning: each micro-batch also carries ceil(replay_fraction x micro_batch_size) rows of
+    the pretraining data (the tokenize step's train split, cut at max_length), and the training loss
+    is (1 - replay_fraction) x task loss + replay_fraction x their next-token loss (through the output
+    head; for a classifier, the tied input embeddings), so fine-tuning keeps the language model. 0: off."""
+    freeze_embeddings: bool = False
+    """Full fine-tuning: leave the input embeddings (and a tied output head) as pretrained."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     max_length: int = 256
@@ -427,6 +452,17 @@ class EvalConfig:
     """Prompt length of the sample generations."""
     max_new_tokens: int = 32
     """Generated tokens per sample (greedy)."""
+    no_pretraining: bool = True
+    """Classification: a `control` step fine-tunes the same way from random initialisation (full
+    fine-tuning, the first branch's settings and budget), scored as the `no_pretraining` row: does
+    pretraining help? Off: no control step."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the test examples behind each task metric's 95% interval (<metric>_low/_high) and
+    the paired comparisons of the fine-tuned model with the baselines; 0: no intervals."""
+    tfidf_c: float = 10.0
+    """Inverse regularisation strength of the TF-IDF + logistic regression baseline (classification)."""
+    ngram_order: int = 3
+    """Order of the Kneser-Ney n-gram baseline beside the unigram one in the perplexity report; 0: off."""
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     ensemble: list[str] = field(default_factory=list)

@@ -17,8 +17,8 @@ from conf.schema import (Config, EnsembleStepConfig, EvaluateStepConfig, Finetun
                          TrainConfig)
 from pipelines import artifacts
 from pipelines.redaction import redact
-from tasks import (decontaminate, ensemble, evaluate, finetune, ingest, pretrain, taskdata, tokenize, tokenizer_files,
-                   units)
+from tasks import (decontaminate, ensemble, evaluate, finetune, ingest, pretrain, sources, taskdata, tokenize,
+                   tokenizer_files, units)
 
 
 def identity(section: Any) -> Any:
@@ -34,11 +34,24 @@ def identity(section: Any) -> Any:
 
 
 def finetune_identity(section: FinetuneStepConfig) -> dict:
-    """Options of the finetuning methods not in use do not change the result."""
+    """Options of the finetuning methods not in use do not change the result; an augmentation lexicon
+    counts by its bytes."""
     view = identity(section)
     for method in finetune.FINETUNE_METHODS:
         if method != section.finetune.method:
             view["finetune"].pop(method, None)
+    lexicon = section.finetune.augment.lexicon_path
+    if lexicon and section.finetune.augment.copies:
+        view["lexicon_digest"] = sources.content_digest(lexicon, "finetune.augment.lexicon_path")
+    return view
+
+
+def taskdata_identity(section) -> dict:
+    """The user's task files count by their bytes: a file edited in place reruns taskdata and all after it."""
+    view = identity(section)
+    if section.builtin is None:
+        view["file_digests"] = {key: sources.content_digest(getattr(section, key), f"task.{key}")
+                                for key in ("train_path", "val_path", "test_path") if getattr(section, key)}
     return view
 
 
@@ -50,7 +63,12 @@ def evaluate_identity(section: EvaluateStepConfig) -> dict:
 
 
 def ingest_identity(section) -> dict:
-    return {**identity(section), "sources_digest": ingest.sources_digest(section)}
+    """The corpus files by name, size and modification time; a language-identification model file by its bytes."""
+    view = {**identity(section), "sources_digest": ingest.sources_digest(section)}
+    if section.filters.language_model and section.filters.languages:
+        view["language_model_digest"] = sources.content_digest(section.filters.language_model,
+                                                               "data.filters.language_model")
+    return view
 
 
 def tokenize_identity(section) -> dict:
@@ -92,21 +110,52 @@ STEPS = (
     Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",), identity=tokenize_identity),
     Step("pretrain", 1, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
          train=lambda s: s.pretrain),
-    Step("taskdata", 1, taskdata.run, lambda c: c.task),
+    Step("taskdata", 1, taskdata.run, lambda c: c.task, identity=taskdata_identity),
     Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata")),
-    Step("finetune", 1, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
+    Step("finetune", 2, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
          ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
-    Step("evaluate", 1, evaluate.run,
+    Step("evaluate", 2, evaluate.run,
          lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
          ("tokenize", "pretrain", "taskdata", "finetune"), identity=evaluate_identity),
 )
 
 
+def control_section(c: Config) -> FinetuneStepConfig:
+    """The no-pretraining control: the (first) fine-tuning's settings and budget, every weight
+    trained from random initialisation."""
+    ft = next(iter(c.finetunes.values())) if c.finetunes else c.finetune
+    return FinetuneStepConfig(dataclasses.replace(ft, init="random", method="full", replay_fraction=0.0), c.task)
+
+
+CONTROL = Step("control", 1, finetune.train_worker, control_section, ("pretrain", "taskdata"),
+               train=lambda s: s.finetune, identity=finetune_identity)
+
+
+def with_replay(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """A fine-tuning with replay (finetune.replay_fraction) reads the tokenize step's pretraining rows."""
+    def replays(step: Step) -> bool:
+        if step.base != "finetune":
+            return False
+        ft = cfg.finetunes[step.name.split(".", 1)[1]] if "." in step.name else cfg.finetune
+        return ft.replay_fraction > 0
+
+    return tuple(dataclasses.replace(s, deps=(*s.deps, "tokenize")) if replays(s) else s for s in steps)
+
+
+def with_control(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """eval.no_pretraining (classification): the control step before the evaluations, each of which reads it."""
+    if not (cfg.eval.no_pretraining and cfg.task.kind == "classification"):
+        return steps
+    judged = tuple(dataclasses.replace(s, deps=(*s.deps, "control")) if s.base == "evaluate" else s for s in steps)
+    first = next(i for i, s in enumerate(judged) if s.base == "finetune")
+    return judged[:first] + (CONTROL,) + judged[first:]
+
+
 def branch_steps(name: str, ft) -> tuple[Step, Step]:
     """finetune.<name> and evaluate.<name> for one entry of `finetunes`."""
-    tune = Step(f"finetune.{name}", 1, finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
+    tune = Step(f"finetune.{name}", 2, finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
                 ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity, kind="finetune")
-    judge = Step(f"evaluate.{name}", 1, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
+    judge = Step(f"evaluate.{name}", 2, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
                  ("tokenize", "pretrain", "taskdata", tune.name), identity=evaluate_identity, kind="evaluate")
     return tune, judge
 
@@ -138,9 +187,9 @@ def steps_for(cfg: Config) -> tuple[Step, ...]:
     """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`."""
     shared = data_steps(cfg)
     if not cfg.finetunes:
-        return shared + tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))
+        return shared + with_control(cfg, with_replay(cfg, tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))))
     branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
-    return shared + branches + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
+    return shared + with_control(cfg, with_replay(cfg, branches)) + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
 
 
 def fingerprint(step: Step, view: Any, upstream: dict[str, str]) -> str:
@@ -209,7 +258,8 @@ def why_run(root: Path, step: Step, view: dict, upstream: dict, out_dir: Path) -
     view = redact(view)  # manifests hold the redacted config, and reasons are printed
     last = min(previous, key=lambda m: len(diff(m.get("config", {}), view)) +
                sum(m.get("upstream", {}).get(d) != fp for d, fp in upstream.items()))
-    changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in diff(last.get("config", {}), view)]
+    changes = [f"{key}: the file changed" if "digest" in key else f"{key}: {old!r} -> {new!r}"
+               for key, old, new in diff(last.get("config", {}), view)]
     changed_inputs = sorted(dep for dep, fp in upstream.items() if last.get("upstream", {}).get(dep) != fp)
     reasons = []
     if changes:

@@ -273,8 +273,8 @@ class StepResult:
 
 
 KEY_METRIC = {"ingest": "docs_kept", "tokenize": "train_tokens", "pretrain": "final_val_ppl",
-              "taskdata": "train_records", "decontaminate": "test_contaminated", "finetune": "final_val_loss",
-              "evaluate": "finetuned_accuracy"}
+              "taskdata": "train_records", "decontaminate": "test_contaminated", "finetune": ("final_val_accuracy", "final_val_loss"),
+              "evaluate": "finetuned_accuracy", "control": "final_val_accuracy"}
 REVIEW_FILES = [artifacts.MANIFEST, "report.json", "quarantine.json", "mixture.json", "train_log.jsonl",
                 "samples.jsonl", "dropped_examples.jsonl"]
 """What each step's MLflow run shows of its directory."""

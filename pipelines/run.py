@@ -31,7 +31,8 @@ def print_plan(planned: list[dag.PlannedStep]) -> None:
 
 
 def format_metric(step: str, metrics: dict) -> str:
-    key = executor.KEY_METRIC.get(step.split(".")[0])
+    keys = executor.KEY_METRIC.get(step.split(".")[0], ())
+    key = next((k for k in ((keys,) if isinstance(keys, str) else keys) if k in metrics), None)
     value = metrics.get(key)
     if value is None:
         return ""
@@ -54,18 +55,43 @@ def print_summary(results: list[executor.StepResult], run_id: str, uri: str, sum
     print(f"summary JSON:      {summary_path}", flush=True)
 
 
-BASELINES = ("majority", "zero_shot", "untuned")
+BASELINES = ("majority", "tfidf_logreg", "zero_shot", "untuned", "no_pretraining")
+INTERVAL = ("_low", "_high")
+LIKELIHOOD_VARIANTS = ("lengthnorm", "calibrated")
+"""The fine-tuned model's label likelihoods per token and calibrated (objective=lm)."""
+
+
+def task_metric_names(metrics: dict, model: str) -> list[str]:
+    """The task metrics of one model in an evaluate step's metrics, without interval bounds."""
+    return sorted(k[len(model) + 1:] for k in metrics
+                  if k.startswith(model + "_") and not k.endswith(INTERVAL) and not k.startswith(model + "_vs_"))
+
+
+def with_interval(metrics: dict, key: str) -> str:
+    """`0.812 [0.790, 0.833]` where the 95% bootstrap interval is known."""
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    low, high = metrics.get(key + "_low"), metrics.get(key + "_high")
+    return f"{value:.3f}" if low is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def print_evaluation(metrics: dict) -> None:
-    """Each model beside its baselines: perplexity on held-out pretraining text, then the task metrics."""
-    ppl = {name: metrics.get(f"ppl_{name}") for name in ("unigram", "pretrained", "finetuned")}
-    print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if v is not None))
-    models = [m for m in (*BASELINES, "finetuned") if any(k.startswith(m + "_") for k in metrics)]
-    names = sorted({k[len(m) + 1:] for k in metrics for m in models if k.startswith(m + "_")})
-    print(f"  {'task':<10} " + " ".join(f"{n:>10}" for n in names))
+    """Each model beside its baselines: perplexity on held-out pretraining text, then the task metrics
+    with their 95% bootstrap intervals, then the fine-tuned model's paired differences with the baselines."""
+    ppl = {k[4:]: v for k, v in metrics.items() if k.startswith("ppl_")}
+    print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items()))
+    models = [m for m in (*BASELINES, "finetuned", *LIKELIHOOD_VARIANTS) if task_metric_names(metrics, m)]
+    names = sorted({n for m in models for n in task_metric_names(metrics, m)})
+    print(f"  {'task':<12} " + " ".join(f"{n:>24}" for n in names))
     for model in models:
-        print(f"  {model:<10} " + " ".join(f"{metrics.get(f'{model}_{n}', float('nan')):>10.3f}" for n in names))
+        print(f"  {model:<12} " + " ".join(f"{with_interval(metrics, f'{model}_{n}'):>24}" for n in names))
+    for name in BASELINES:
+        if f"finetuned_vs_{name}_delta" in metrics:
+            low, high = metrics[f"finetuned_vs_{name}_low"], metrics[f"finetuned_vs_{name}_high"]
+            verdict = "better" if low > 0 else "WORSE" if high < 0 else "tie"
+            print(f"  finetuned - {name}: accuracy {metrics[f'finetuned_vs_{name}_delta']:+.3f} "
+                  f"[{low:+.3f}, {high:+.3f}] {verdict}")
 
 
 def comparison_rows(results: list[executor.StepResult]) -> tuple[list[str], list[dict]]:
@@ -73,7 +99,7 @@ def comparison_rows(results: list[executor.StepResult]) -> tuple[list[str], list
     by_name = {r.name: r.metrics for r in results}
     branches = [r.name.split(".", 1)[1] for r in results if r.name.startswith("evaluate.")]
     first = by_name[f"evaluate.{branches[0]}"]
-    metrics = sorted({k.split("_", 1)[1] for k in first if k.startswith("finetuned_")})
+    metrics = task_metric_names(first, "finetuned")
     rows = [{"model": name, **{m: first.get(f"{name}_{m}") for m in metrics}} for name in BASELINES
             if any(f"{name}_{m}" in first for m in metrics)]
     for branch in branches:
@@ -100,7 +126,7 @@ def evaluation_rows(results: list[executor.StepResult]) -> list[dict]:
     if any(r.name.startswith("evaluate.") for r in results):
         return comparison_rows(results)[1]
     metrics = next((r.metrics for r in results if r.name == "evaluate"), {})
-    models = [m for m in (*BASELINES, "finetuned") if any(k.startswith(m + "_") for k in metrics)]
+    models = [m for m in (*BASELINES, "finetuned") if task_metric_names(metrics, m)]
     return [{"model": m, **{k[len(m) + 1:]: v for k, v in metrics.items() if k.startswith(m + "_")}}
             for m in models]
 

@@ -60,10 +60,11 @@ LOWER_BOUNDS = {
     "max_doc_chars": 1, "min_mean_word_length": 0, "max_mean_word_length": 0, "max_symbol_ratio": 0,
     "max_digit_ratio": 0, "max_repeated_line_fraction": 0, "max_repeated_ngram_fraction": 0, "repeated_ngram_size": 1,
     "shingle_size": 1, "num_perm": 1, "bands": 1, "band_rows": 1, "jaccard_threshold": 0, "examples_per_reason": 0,
-    "min_language_score": 0, "language_chars": 1, "ngram": 1, "num_tasks": 1,
+    "min_language_score": 0, "language_chars": 1, "ngram": 1, "num_tasks": 1, "text_chunk_chars": 0, "max_epochs": 0,
+    "bootstrap_resamples": 0, "tfidf_c": 1e-9, "ngram_order": 0, "replay_fraction": 0,
 }
 # Shares: below 1 (a dropout or sparsity of 1 leaves nothing) or at most 1 (probabilities and rates).
-BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity"}
+BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity", "replay_fraction"}
 AT_MOST_ONE = {"p_delete", "p_swap", "p_insert", "p_synonym", "rate", "max_symbol_ratio", "max_digit_ratio",
                "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold", "min_language_score"}
 MAX_AUGMENTED_COPIES = 100
@@ -110,12 +111,19 @@ def validate(cfg: Config) -> None:
               f"{key}: a branch name is 1-32 lower-case letters, digits or underscores")
         validate_finetune(key, ft, model.max_position_embeddings)
         validate_techniques(key, ft, cfg.task.kind)
+        check(not ft.replay_fraction or model.tie_embeddings or finetune.resolve_objective(ft, cfg.task.kind) == "lm",
+              f"{key}.replay_fraction: replay with a classification head reads the language model through the "
+              f"tied embeddings; set model.tie_embeddings=true or {key}.objective=lm")
     validate_task(cfg)
     validate_eval(cfg)
 
 
 def validate_data(data: DataConfig) -> None:
     check(data.on_error in ON_ERROR, f"data.on_error: must be one of {ON_ERROR}, got '{data.on_error}'")
+    check(not (data.paths and data.builtin) or data.mix_builtin,
+          f"data.paths: your files are named while the built-in corpora {data.builtin} are active too (the default "
+          f"data=stdlib, capped at data.max_bytes={data.max_bytes}); add 'override /data: files' to the experiment's "
+          f"defaults (or data=files on the command line), or set data.mix_builtin=true to mix them")
     weights = data.weights
     check(not weights or (len(weights) == len(data.paths) and min(weights) >= 0 and max(weights) > 0),
           f"data.weights: one weight >= 0 per data.paths entry ({len(data.paths)}), not all 0; got {weights}")
@@ -176,6 +184,11 @@ def validate_finetune(key: str, cfg: FinetuneConfig, max_positions: int) -> None
     validate_train(key, cfg)
     check(cfg.method in finetune.FINETUNE_METHODS,
           f"{key}.method: unknown method '{cfg.method}' (known: {', '.join(finetune.FINETUNE_METHODS)})")
+    check(cfg.init in ("pretrained", "random"), f"{key}.init: must be 'pretrained' or 'random', got '{cfg.init}'")
+    check(cfg.init == "pretrained" or cfg.method == "full",
+          f"{key}.init: 'random' (the no-pretraining control) needs {key}.method=full; adapters on random "
+          f"weights would be exported without those weights")
+    check(cfg.max_epochs >= 0, f"{key}.max_epochs: must be >= 0 (0: use max_steps), got {cfg.max_epochs}")
     extra = cfg.prefix.num_virtual_tokens if cfg.method == "prefix" else 0
     check(cfg.max_length + extra <= max_positions,
           f"{key}.max_length: {cfg.max_length} (+{extra} virtual tokens) exceeds "
@@ -194,6 +207,11 @@ def validate_task(cfg: Config) -> None:
     check(not unknown, f"task.fields: {sorted(unknown)} are not fields of task.kind={task.kind} "
                        f"({', '.join(taskdata.FIELDS[task.kind])})")
     check(0 < task.test_fraction < 1 and 0 < task.val_fraction < 1, "task.test_fraction / task.val_fraction: must be within (0, 1)")
+    named = [key for key in ("train_path", "val_path", "test_path") if getattr(task, key)]
+    check(task.builtin is None or not named,
+          f"task.{named[0] if named else 'train_path'}: your task file is named while the built-in task "
+          f"'{task.builtin}' is active and would ignore it; add 'override /task: jsonl' to the experiment's "
+          f"defaults (or task=jsonl on the command line)")
     if task.builtin is None:  # read the user's files now: a bad record stops the run before any training
         check(bool(task.train_path), "task.train_path: required when task.builtin is not set")
         for key in ("train_path", "val_path", "test_path"):
@@ -206,8 +224,12 @@ def validate_task(cfg: Config) -> None:
 
 def validate_techniques(key: str, cfg: FinetuneConfig, kind: str) -> None:
     stopping = cfg.early_stopping
-    check(stopping.metric in earlystop.HIGHER_IS_BETTER,
-          f"{key}.early_stopping.metric: must be one of {tuple(earlystop.HIGHER_IS_BETTER)}, got '{stopping.metric}'")
+    check(stopping.metric in ("auto", *earlystop.HIGHER_IS_BETTER),
+          f"{key}.early_stopping.metric: must be one of {('auto', *earlystop.HIGHER_IS_BETTER)}, got '{stopping.metric}'")
+    check(cfg.objective in finetune.OBJECTIVES,
+          f"{key}.objective: must be one of {finetune.OBJECTIVES}, got '{cfg.objective}'")
+    check(cfg.objective != "classifier" or kind == "classification",
+          f"{key}.objective: 'classifier' needs task.kind=classification (use 'lm' or 'auto' for {kind})")
     check(stopping.metric != "val_accuracy" or kind == "classification",
           f"{key}.early_stopping.metric: val_accuracy needs task.kind=classification")
     check(cfg.augment.copies <= MAX_AUGMENTED_COPIES,
@@ -217,6 +239,7 @@ def validate_techniques(key: str, cfg: FinetuneConfig, kind: str) -> None:
 
 
 def validate_eval(cfg: Config) -> None:
+    check(cfg.eval.ngram_order <= 4, f"eval.ngram_order: at most 4 (0: no n-gram baseline), got {cfg.eval.ngram_order}")
     unknown = set(cfg.eval.robustness.perturbations) - set(augment.PERTURBATIONS)
     check(not unknown, f"eval.robustness.perturbations: unknown {sorted(unknown)} (known: {', '.join(augment.PERTURBATIONS)})")
     check(not cfg.eval.robustness.perturbations or cfg.task.kind != "chat",

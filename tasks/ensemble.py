@@ -79,7 +79,7 @@ def member_models(member_inputs: dict[str, dict[str, str]]) -> tuple[dict, objec
     """Each member's fine-tuned model (eval mode) and the tokenizer of their shared pretrained model."""
     from transformers import AutoTokenizer
 
-    from tasks.finetune import load_tuned
+    from tasks.models import load_tuned
 
     model_dirs = {name: Path(dirs["pretrain"]) / "model" for name, dirs in member_inputs.items()}
     models = {name: load_tuned(Path(dirs["finetune"]), model_dirs[name]).eval() for name, dirs in member_inputs.items()}

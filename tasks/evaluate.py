@@ -1,16 +1,24 @@
-"""evaluate: perplexity against a unigram baseline, the task metric of the fine-tuned model against
-the majority class and the untuned model, and sample generations. Writes report.json, and for
-classification the fine-tuned model's label log-likelihoods (label_scores.json, for ensembles).
+"""evaluate: perplexity against unigram and Kneser-Ney n-gram baselines, the task metric of the
+fine-tuned model against the majority class, TF-IDF + logistic regression, the untuned and the
+zero-shot model, and sample generations. Writes report.json, and for classification the fine-tuned
+model's label scores (label_scores.json, for ensembles).
+
+Every classification metric comes with a 95% bootstrap interval (<metric>_low/_high), and the
+fine-tuned model's accuracy is compared with each baseline on the same resamples (paired): the
+difference, its interval and a verdict (better, worse, or a tie when the interval holds 0); a
+model that does not beat a baseline, or a pretrained model no better than the n-gram, is warned about.
 
 Options: the task metric on perturbed test inputs (eval.robustness, metrics robust_<name>_*), and
 a pruned/int8 copy of the model (eval.quantize, metrics int8_*), with size on disk and tokens/s
 of the served float model (served_mb, served_tokens_per_s) always reported.
 
-Classification is scored by label likelihood: each example's candidate labels form one batch
-(prompt + " label" + EOS, right-padded), so a score never depends on the evaluation batch size,
-and ties go to the first label in sorted order.
+A classification head is scored by the log-softmax of its logits (batched). A language model is
+scored by label likelihood: each example's candidate labels form one batch (prompt + " label" +
+EOS, right-padded), so a score never depends on the evaluation batch size; ties go to the first
+label in sorted order. The fine-tuned perplexity of a classifier is that of its decoder under the
+pretrained output head: it shows whether fine-tuning kept the language model.
 
-    run(cfg: EvaluateStepConfig, inputs={"tokenize", "pretrain", "taskdata", "finetune"}, out_dir, ctx)
+    run(cfg: EvaluateStepConfig, inputs={"tokenize", "pretrain", "taskdata", "finetune"[, "control"]}, out_dir, ctx)
 """
 from __future__ import annotations
 
@@ -26,7 +34,9 @@ from conf.schema import EvaluateStepConfig, TaskConfig
 from tasks import quantize
 from tasks.augment import perturb_records
 from tasks.common import Progress, TaskContext, write_json, write_jsonl
-from tasks.finetune import collate, load_base_model, load_tuned
+from tasks import baselines
+from tasks.finetune import class_example, collate, collate_classes
+from tasks.models import is_classifier, load_base_model, load_tuned, tuned_language_model
 from tasks.taskdata import encode_example, load_labels, load_split, render, target_of
 from tasks.tokenize import load_split as load_tokens
 from tasks.training import quiet_frameworks
@@ -66,6 +76,31 @@ def label_log_likelihoods(model, tokenizer, record: dict, labels: list[str], tas
     return (picked * mask).sum(dim=1).tolist()
 
 
+CONTENT_FREE = ("N/A", "", "[MASK]")
+"""Inputs that carry no content: what the model predicts for them is its label prior under the prompt
+(contextual calibration, Zhao et al. 2021)."""
+
+
+def likelihood_variants(model, tokenizer, summed: list[list[float]], labels: list[str], task: TaskConfig,
+                        max_length: int) -> dict[str, list[list[float]]]:
+    """Two more readings of label log-likelihoods: 'lengthnorm' (per token, so a label that costs more
+    tokens is not penalised for it) and 'calibrated' (the label probabilities divided by those of
+    content-free inputs, so the prompt's prior for a label does not decide)."""
+    lengths = np.asarray([len(tokenizer.encode(" " + label, add_special_tokens=False)) + 1 for label in labels])
+    summed = np.asarray(summed, dtype=np.float64)
+    field = "text" if task.kind == "classification" else "prompt"
+    prior = np.mean([softmax_rows(np.asarray([label_log_likelihoods(model, tokenizer, {field: text, "label": labels[0]},
+                                                                    labels, task, max_length)]))[0]
+                     for text in CONTENT_FREE], axis=0)
+    calibrated = np.log(softmax_rows(summed)) - np.log(prior)
+    return {"lengthnorm": (summed / lengths).tolist(), "calibrated": calibrated.tolist()}
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
     accuracy = sum(g == p for g, p in zip(gold, predicted)) / len(gold)
     f1s = []
@@ -77,9 +112,28 @@ def classification_scores(gold: list[str], predicted: list[str], labels: list[st
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
 
 
+@torch.no_grad()
+def head_log_probs(model, tokenizer, records: list[dict], labels: list[str], task: TaskConfig, max_length: int,
+                   progress: Progress, batch_size: int = 16) -> list[list[float]]:
+    """Log-softmax of a classification head's logits (in `labels` order) for each record, in batches."""
+    index = {label: i for i, label in enumerate(labels)}
+    scores = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        batch = collate_classes([class_example(tokenizer, r, task, max_length, index) for r in chunk],
+                                tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        scores.extend(torch.log_softmax(logits, dim=-1).tolist())
+        progress.update(len(chunk))
+    return scores
+
+
 def classify(model, tokenizer, records: list[dict], labels: list[str], task: TaskConfig, max_length: int,
              progress: Progress) -> list[list[float]]:
-    """Each record's label log-likelihoods (predict() turns them into labels)."""
+    """Each record's label scores (predict() turns them into labels): a classification head's label
+    log-probabilities, or else each label's log-likelihood after the prompt."""
+    if is_classifier(model):
+        return head_log_probs(model, tokenizer, records, labels, task, max_length, progress)
     scores = []
     for record in records:
         scores.append(label_log_likelihoods(model, tokenizer, record, labels, task, max_length))
@@ -140,22 +194,60 @@ def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict,
     if task.kind == "classification":
         labels = load_labels(inputs["taskdata"])
         gold = [r["label"] for r in test]
-        majority = collections.Counter(r["label"] for r in load_split(inputs["taskdata"], "train")).most_common(1)[0][0]
-        results["majority"] = classification_scores(gold, [majority] * len(test), labels)
+        train = load_split(inputs["taskdata"], "train")
+        majority = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
+        predictions["majority"] = [majority] * len(test)
+        # the classic baseline a model must beat to be worth it, on the same train and test splits
+        predictions["tfidf_logreg"] = baselines.tfidf_logreg([r["text"] for r in train], [r["label"] for r in train],
+                                                             [r["text"] for r in test], C=cfg.eval.tfidf_c, seed=task.seed)
         # zero-shot: the untuned model, told the candidate labels in its prompt
         zero_shot = dataclasses.replace(task, prompt_template=task.zero_shot_template.replace("{labels}", ", ".join(labels)))
         for name, model, prompt, records in runs + [("zero_shot", models["untuned"], zero_shot, test)]:
             label_scores[name] = classify(model, tokenizer, records, labels, prompt, max_length, progress)
             predictions[name] = predict(label_scores[name], labels)
-            results[name] = classification_scores(gold, predictions[name], labels)
+        if not is_classifier(models["finetuned"]):  # label likelihood, also length-normalised and calibrated
+            for variant, scores in likelihood_variants(models["finetuned"], tokenizer, label_scores["finetuned"], labels,
+                                                       task, max_length).items():
+                predictions[variant] = predict(scores, labels)
+        results = {name: classification_scores(gold, predicted, labels) for name, predicted in predictions.items()}
+        comparisons = add_intervals(results, gold, predictions, labels, cfg)
+        task_report = {"num_examples": len(test), "scores": results, "comparisons": comparisons}
     else:
         for name, model, _, records in runs:
             results[name], predictions[name] = generation_scores(
                 model, tokenizer, records, task, max_length, cfg.eval.max_new_tokens, progress)
+        task_report = {"num_examples": len(test), "scores": results}
     examples = [{"input": render(r, task)[1][-300:], "gold": target_of(r, task.kind),
                  **{f"{n}_prediction": predictions[n][i] for n in predictions}}
                 for i, r in enumerate(test[: max(cfg.eval.num_samples, 5)])]
-    return {"num_examples": len(test), "scores": results}, examples, label_scores
+    return task_report, examples, label_scores
+
+
+COMPARED = ("majority", "tfidf_logreg", "no_pretraining", "untuned", "zero_shot")
+"""The baselines the fine-tuned model is compared with, paired on the same resamples."""
+
+
+def add_intervals(results: dict, gold: list[str], predictions: dict, labels: list[str],
+                  cfg: EvaluateStepConfig) -> dict:
+    """95% bootstrap intervals (<metric>_low/_high) into each model's scores; returns the fine-tuned
+    model's accuracy difference with each baseline, its interval and verdict (a tie when it holds 0)."""
+    if not cfg.eval.bootstrap_resamples:
+        return {}
+    resampled = baselines.resampled_classification_scores(gold, predictions, labels, cfg.eval.bootstrap_resamples,
+                                                          seed=cfg.task.seed)
+    for name, metrics in resampled.items():
+        for metric, values in metrics.items():
+            low, high = baselines.percentile_interval(values, 0.95)
+            results[name].update({f"{metric}_low": low, f"{metric}_high": high})
+    comparisons = {}
+    for name in COMPARED:
+        if name in results and "finetuned" in results:
+            low, high = baselines.percentile_interval(
+                resampled["finetuned"]["accuracy"] - resampled[name]["accuracy"], 0.95)
+            delta = results["finetuned"]["accuracy"] - results[name]["accuracy"]
+            comparisons[name] = {"accuracy_delta": delta, "low": low, "high": high,
+                                 "verdict": baselines.verdict(low, high)}
+    return comparisons
 
 
 def serving_costs(cfg: EvaluateStepConfig, finetune_dir: Path, model_dir: Path, rows: np.ndarray,
@@ -171,8 +263,9 @@ def serving_costs(cfg: EvaluateStepConfig, finetune_dir: Path, model_dir: Path, 
             quantize.prune_magnitude(pruned, cfg.eval.quantize.sparsity)
         models["int8"] = quantize.save_and_reload(quantize.quantize(pruned), quantize.served_model(finetune_dir, model_dir),
                                                   out_dir / "quantized")
-        metrics.update(int8_mb=(out_dir / "quantized" / quantize.INT8_FILE).stat().st_size / 1e6,
-                       int8_ppl=math.exp(token_nll(models["int8"], rows)))
+        metrics["int8_mb"] = (out_dir / "quantized" / quantize.INT8_FILE).stat().st_size / 1e6
+        if not is_classifier(models["int8"]):  # a classifier's int8 copy is judged by its task metrics
+            metrics["int8_ppl"] = math.exp(token_nll(models["int8"], rows))
     metrics.update({f"{name}_tokens_per_s": value for name, value in quantize.tokens_per_second(models, rows).items()})
     return metrics, {"int8": models["int8"]} if "int8" in models else {}
 
@@ -190,14 +283,21 @@ def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) 
 
     tokens_dir = Path(inputs["tokenize"])
     train_rows, val_rows = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")[: cfg.eval.ppl_batches]
-    nll = {"unigram": unigram_nll(train_rows, val_rows, len(tokenizer)),
-           "pretrained": token_nll(base, val_rows), "finetuned": token_nll(tuned, val_rows)}
+    nll = {"unigram": unigram_nll(train_rows, val_rows, len(tokenizer))}
+    if cfg.eval.ngram_order:  # a smoothed n-gram over the same tokens: what pretraining must beat
+        nll[f"ngram{cfg.eval.ngram_order}"] = baselines.kneser_ney_nll(train_rows, val_rows, len(tokenizer),
+                                                                     order=cfg.eval.ngram_order)
+    nll["pretrained"] = token_nll(base, val_rows)
+    # a classifier's decoder under the pretrained LM head: did fine-tuning keep the language model?
+    nll["finetuned"] = token_nll(tuned_language_model(Path(inputs["finetune"]), model_dir, tuned), val_rows)
     perplexity = {name: math.exp(value) for name, value in nll.items()}
     ctx.say("validation perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexity.items()))
 
     costs, int8 = serving_costs(cfg, Path(inputs["finetune"]), model_dir, val_rows, out_dir)
-    task, examples, label_scores = task_metrics({"untuned": base, "finetuned": tuned, **int8}, tokenizer, cfg, inputs,
-                                                max_length, ctx)
+    # the no-pretraining control (eval.no_pretraining): the same fine-tuning from random initialisation
+    control = {"no_pretraining": load_tuned(Path(inputs["control"]), model_dir).eval()} if "control" in inputs else {}
+    task, examples, label_scores = task_metrics({"untuned": base, "finetuned": tuned, **control, **int8}, tokenizer,
+                                                cfg, inputs, max_length, ctx)
     if cfg.task.kind == "classification":  # what an ensemble step averages
         write_json(out_dir / "label_scores.json", {"labels": load_labels(inputs["taskdata"]),
                                                    "scores": label_scores["finetuned"]})
@@ -214,7 +314,27 @@ def run(cfg: EvaluateStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) 
     for model_name, scores in task["scores"].items():
         metrics.update({f"{model_name}_{metric}": value for metric, value in scores.items()})
     metrics.update(costs)
-    metrics.update({f"int8_{m}_delta": v - task["scores"]["finetuned"][m] for m, v in task["scores"].get("int8", {}).items()})
+    metrics.update({f"int8_{m}_delta": v - task["scores"]["finetuned"][m] for m, v in task["scores"].get("int8", {}).items()
+                    if not m.endswith(("_low", "_high"))})
+    for name, comparison in task.get("comparisons", {}).items():
+        metrics.update({f"finetuned_vs_{name}_delta": comparison["accuracy_delta"],
+                        f"finetuned_vs_{name}_low": comparison["low"], f"finetuned_vs_{name}_high": comparison["high"]})
     ctx.say(f"task ({task['num_examples']} test examples): " + "; ".join(
-        f"{m} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) for m, s in task["scores"].items()))
+        f"{m} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if not k.endswith(("_low", "_high")))
+        for m, s in task["scores"].items()))
+    for warning in quality_warnings(task, perplexity):
+        ctx.say(f"warning: {warning}")
     return metrics
+
+
+def quality_warnings(task: dict, perplexity: dict) -> list[str]:
+    """What says the model is not worth it: a fine-tuned classifier that does not beat a baseline
+    (paired bootstrap: worse, or a tie), a pretrained model no better than the n-gram baseline."""
+    warnings = [f"the fine-tuned model does not beat {name} (accuracy {c['accuracy_delta']:+.3f}, 95% interval "
+                f"[{c['low']:+.3f}, {c['high']:+.3f}]: {c['verdict']})"
+                for name, c in task.get("comparisons", {}).items() if c["verdict"] != "better"]
+    ngram = next((v for k, v in perplexity.items() if k.startswith("ngram")), None)
+    if ngram is not None and perplexity["pretrained"] >= ngram:
+        warnings.append(f"the pretrained model's perplexity ({perplexity['pretrained']:.1f}) is no better than the "
+                        f"n-gram baseline's ({ngram:.1f})")
+    return warnings

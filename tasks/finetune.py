@@ -1,48 +1,77 @@
 """finetune: tuning of the pretrained model on the task data (PEFT LoRA, PEFT prefix tuning,
-or full fine-tuning for comparison), under DeepSpeed ZeRO, with the loss on the target tokens only.
+or full fine-tuning), under DeepSpeed ZeRO.
+
+Objectives (finetune.objective): for classification a sequence-classification head on the
+decoder's last hidden state ('classifier', LlamaForSequenceClassification: one logit per label,
+cross-entropy, prompts left-padded; PEFT's SEQ_CLS task trains and saves the head beside LoRA or
+prefix tuning); otherwise, or with 'lm', the target tokens after the prompt (loss on the target
+tokens only). Every validation logs val_accuracy for classification, what decides the task.
+The budget is max_steps or max_epochs; init='random' is the no-pretraining control.
 
 Optional techniques from the config: attention / hidden / LoRA dropout, label smoothing and FGM
 adversarial training (tasks/regularize.py), augmented training records (tasks/augment.py), and
-early stopping that exports the best validation's weights (tasks/earlystop.py).
+early stopping that exports the best validation's weights (tasks/earlystop.py), and replay of
+pretraining rows mixed into the loss (finetune.replay_fraction) to keep the language model.
 
 Runs in every data-parallel worker (launched by the executor through Ray Train). Rank 0 saves
 `adapter/` (PEFT methods; loads with `PeftModel.from_pretrained`), for LoRA also `merged/`
 (the adapter merged into the base weights, a plain Hugging Face model, checked against base +
-adapter on a probe batch), and for full fine-tuning `model/`.
+adapter on a probe batch), for full fine-tuning `model/`, and `objective.json`; a classifier's
+`model/` and `merged/` load with `AutoModelForSequenceClassification`.
 
-    train_worker(cfg: FinetuneStepConfig, inputs={"pretrain", "taskdata"}, out_dir, ctx) -> metrics
+    train_worker(cfg: FinetuneStepConfig, inputs={"pretrain", "taskdata"[, "tokenize"]}, out_dir, ctx) -> metrics
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from conf.schema import FinetuneConfig, FinetuneStepConfig
+from conf.schema import FinetuneConfig, FinetuneStepConfig, TaskConfig
 from tasks import regularize, training
 from tasks.augment import augment_records
-from tasks.common import TaskContext
+from tasks.common import TaskContext, write_json
+from tasks.models import OBJECTIVE_FILE, is_classifier, load_base_model, load_saved, load_tuned
 from tasks.earlystop import BestKeeper
 from tasks.regularize import IGNORE_INDEX
 from tasks.taskdata import encode_example, load_labels, load_split
+from tasks.tokenize import load_split as load_tokens
 
 
-def lora_config(cfg: FinetuneConfig):
-    from peft import LoraConfig, TaskType
+OBJECTIVES = ("auto", "classifier", "lm")
+def resolve_objective(cfg: FinetuneConfig, kind: str) -> str:
+    """finetune.objective with 'auto' decided: a classification head for classification tasks."""
+    if cfg.objective == "auto":
+        return "classifier" if kind == "classification" else "lm"
+    return cfg.objective
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+
+def task_type(objective: str):
+    from peft import TaskType
+
+    return TaskType.SEQ_CLS if objective == "classifier" else TaskType.CAUSAL_LM
+
+
+def lora_config(cfg: FinetuneConfig, objective: str = "lm"):
+    """LoRA; for the classifier PEFT also trains and saves the new `score` head (SEQ_CLS)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type(objective), r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
                       modules_to_save=list(cfg.lora.modules_to_save) or None)
 
 
-def prefix_config(cfg: FinetuneConfig):
-    from peft import PrefixTuningConfig, TaskType
+def prefix_config(cfg: FinetuneConfig, objective: str = "lm"):
+    from peft import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+    return PrefixTuningConfig(task_type=task_type(objective), num_virtual_tokens=cfg.prefix.num_virtual_tokens,
                               prefix_projection=cfg.prefix.prefix_projection)
 
 
-def full_config(cfg: FinetuneConfig) -> None:
+def full_config(cfg: FinetuneConfig, objective: str = "lm") -> None:
     """Every weight trains; there is no adapter."""
     return None
 
@@ -50,29 +79,18 @@ def full_config(cfg: FinetuneConfig) -> None:
 FINETUNE_METHODS = {"lora": lora_config, "prefix": prefix_config, "full": full_config}
 
 
-def load_base_model(model_dir: Path, **config_changes):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **config_changes)
-
-
-def prepare_model(model_dir: Path, cfg: FinetuneConfig):
+def prepare_model(model_dir: Path, cfg: FinetuneConfig, objective: str = "lm", labels: list[str] | None = None,
+                  pad_token_id: int | None = None):
     from peft import get_peft_model
 
-    peft_config = FINETUNE_METHODS[cfg.method](cfg)
-    base = load_base_model(model_dir, attention_dropout=cfg.attention_dropout)
+    peft_config = FINETUNE_METHODS[cfg.method](cfg, objective)
+    base = load_base_model(model_dir, labels if objective == "classifier" else None, pad_token_id, cfg.init,
+                           attention_dropout=cfg.attention_dropout)
     if cfg.hidden_dropout:
         regularize.add_hidden_dropout(base, cfg.hidden_dropout)
+    if cfg.freeze_embeddings:
+        base.get_input_embeddings().weight.requires_grad_(False)
     return base if peft_config is None else get_peft_model(base, peft_config)
-
-
-def load_tuned(finetune_dir: Path, model_dir: Path):
-    """The fine-tuned model of a finetune step's output, whatever the method."""
-    from peft import PeftModel
-
-    if (finetune_dir / "model").is_dir():
-        return load_base_model(finetune_dir / "model")
-    return PeftModel.from_pretrained(load_base_model(model_dir), str(finetune_dir / "adapter"))
 
 
 @torch.no_grad()
@@ -84,11 +102,12 @@ def export_merged(model_dir: Path, out_dir: Path, tokenizer, probe_ids: torch.Te
     tuned = load_tuned(out_dir, model_dir).eval()
     expected = tuned(input_ids=probe_ids).logits
     merged = tuned.merge_and_unload()
-    if merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight:
+    head = merged.get_output_embeddings()
+    if head is not None and head.weight is not merged.get_input_embeddings().weight:
         merged.config.tie_word_embeddings = False  # a trained embedding copy no longer ties to the head
     merged.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir / "merged"))
-    reloaded = load_base_model(out_dir / "merged").eval()
+    reloaded = load_saved(out_dir / "merged").eval()
     error = (reloaded(input_ids=probe_ids).logits - expected).abs().max().item()
     if error > 1e-4:
         raise RuntimeError(f"merged LoRA model differs from base + adapter (max logit error {error:.2e})")
@@ -111,54 +130,157 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
             "weight": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
-def best_keeper(cfg: FinetuneStepConfig, engine, tokenizer, val_records: list[dict], taskdata_dir: Path,
-                out_dir: Path, rank: int) -> BestKeeper | None:
-    """Early stopping's keeper of the best weights (None when it is off); `val_records`: this rank's share."""
-    stopping = cfg.finetune.early_stopping
-    if not stopping.patience:
-        return None
-    measure = None
-    if stopping.metric == "val_accuracy":
-        measure = regularize.accuracy_measure(engine, tokenizer, val_records, load_labels(taskdata_dir), cfg.task,
-                                              cfg.finetune.max_length)
-    return BestKeeper(stopping, out_dir / "checkpoints", rank, measure)
+def collate_classes(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
+    """Left-pad prompts for the classification head (its input is the last position, also when the
+    model gets embeddings rather than ids, as under FGM); labels are class indices, one per row."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(examples):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention,
+            "labels": torch.tensor([label for _, label in examples], dtype=torch.long), "weight": len(examples)}
+
+
+def class_example(tokenizer, record: dict, task: TaskConfig, max_length: int, label_index: dict) -> tuple[list[int], int]:
+    """(prompt ids, class index) of a record for the head: the prompt cut as for the lm objective."""
+    ids, start = encode_example(tokenizer, record, task, max_length)
+    return ids[:start], label_index.get(record["label"], IGNORE_INDEX)  # a label unseen in training never counts as right
+
+
+def head_accuracy(engine, eval_batches: list) -> Callable[[], dict]:
+    """Validation accuracy of the head on this rank's validation batches, summed over ranks."""
+    def measure() -> dict:
+        engine.eval()
+        right = total = 0
+        with torch.no_grad():
+            for batch in eval_batches:
+                logits = engine.module(input_ids=batch["input_ids"].to(engine.device),
+                                       attention_mask=batch["attention_mask"].to(engine.device)).logits
+                right += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+                total += len(batch["labels"])
+        engine.train()
+        right, total = training.all_reduce_sum([float(right), float(total)])
+        return {"val_accuracy": right / max(total, 1.0)}
+
+    return measure
+
+
+def replay_rows(tokens, cfg: FinetuneConfig, step: int, micro: int, rank: int) -> torch.Tensor:
+    """This micro-batch's pretraining rows for replay: seeded by (seed, step, micro-batch, rank), so a
+    resumed run replays the same rows; cut at max_length tokens."""
+    import numpy as np
+
+    count = math.ceil(cfg.replay_fraction * cfg.micro_batch_size)
+    rows = np.random.default_rng([cfg.seed, step, micro, rank]).integers(0, len(tokens), count)
+    return torch.from_numpy(np.asarray(tokens[np.sort(rows), : cfg.max_length], dtype=np.int64))
+
+
+def language_model_loss(bare, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of the model's decoder on pretraining rows (LoRA layers active): through the
+    output head, or for a classifier through the tied input embeddings."""
+    import torch.nn.functional as F
+
+    inner = bare.get_base_model() if hasattr(bare, "get_base_model") else bare
+    if is_classifier(inner):
+        hidden = inner.model(input_ids=input_ids).last_hidden_state
+        embeddings = inner.get_input_embeddings()
+        weight = embeddings.weight if hasattr(embeddings, "weight") else embeddings.modules_to_save["default"].weight
+        logits = F.linear(hidden, weight)
+    else:
+        logits = inner(input_ids=input_ids).logits
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
+
+
+def with_replay(forward: Callable, bare, cfg: FinetuneConfig) -> Callable:
+    """The task loss mixed with the language-model loss of the batch's replay rows (while training;
+    validation keeps the task loss alone, comparable with runs without replay)."""
+    if not cfg.replay_fraction:
+        return forward
+
+    def mixed(batch: dict) -> torch.Tensor:
+        task = forward(batch)
+        if not torch.is_grad_enabled() or "replay_ids" not in batch:
+            return task
+        return (1 - cfg.replay_fraction) * task + cfg.replay_fraction * language_model_loss(bare, batch["replay_ids"])
+
+    return mixed
+
+
+def stopping_metric(cfg: FinetuneConfig, kind: str) -> str:
+    """early_stopping.metric with 'auto' decided: validation accuracy for classification."""
+    metric = cfg.early_stopping.metric
+    if metric == "auto":
+        return "val_accuracy" if kind == "classification" else "val_loss"
+    return metric
+
+
+def epoch_budget(cfg: FinetuneConfig, num_examples: int) -> FinetuneConfig:
+    """finetune.max_epochs, where set, turned into max_steps for this many training records."""
+    if cfg.max_epochs <= 0:
+        return cfg
+    return dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.max_epochs * num_examples / cfg.global_batch_size)))
 
 
 def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     from transformers import AutoTokenizer
 
-    train_cfg = cfg.finetune
-    training.setup_worker(train_cfg)
+    training.setup_worker(cfg.finetune)
     rank, world = training.rank_and_world()
     model_dir = Path(inputs["pretrain"]) / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    encode = lambda records: [encode_example(tokenizer, r, cfg.task, train_cfg.max_length) for r in records]
+    objective = resolve_objective(cfg.finetune, cfg.task.kind)
+    labels = load_labels(inputs["taskdata"]) if cfg.task.kind == "classification" else None
     train_records, val_records = load_split(inputs["taskdata"], "train"), load_split(inputs["taskdata"], "val")
-    augmented = augment_records(train_records, train_cfg.augment, cfg.task.kind)
+    augmented = augment_records(train_records, cfg.finetune.augment, cfg.task.kind)
+    train_cfg = epoch_budget(cfg.finetune, len(augmented))
+    if objective == "classifier":
+        label_index = {label: i for i, label in enumerate(labels)}
+        encode = lambda records: [class_example(tokenizer, r, cfg.task, train_cfg.max_length, label_index) for r in records]
+        batch_of = lambda examples: collate_classes(examples, tokenizer.pad_token_id)
+    else:
+        encode = lambda records: [encode_example(tokenizer, r, cfg.task, train_cfg.max_length) for r in records]
+        batch_of = lambda examples: collate(examples, tokenizer.pad_token_id)
     train_examples, val_examples = encode(augmented), encode(val_records)
 
-    model = prepare_model(model_dir, train_cfg)
+    model = prepare_model(model_dir, train_cfg, objective, labels, tokenizer.pad_token_id)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Whole-layer recomputation would drop prefix tuning's trained KV cache: recompute MLPs only.
     engine = training.init_engine(model, train_cfg, world, recompute="mlp" if train_cfg.method == "prefix" else "layers")
     if rank == 0:
-        ctx.say(f"{train_cfg.method}: {trainable:,} trainable parameters, {len(train_examples)} train examples, "
+        ctx.say(f"{train_cfg.method} ({objective} objective, {train_cfg.init} init): {trainable:,} trainable "
+                f"parameters, {len(train_examples)} train examples, {train_cfg.max_steps} steps "
+                f"({train_cfg.max_steps * train_cfg.global_batch_size / len(train_examples):.2f} epochs), "
                 f"ZeRO-{train_cfg.zero_stage}, {world} worker(s)")
 
-    forward = regularize.make_forward(engine, train_cfg, engine.module)
+    forward = with_replay(regularize.make_forward(engine, train_cfg, engine.module), engine.module, train_cfg)
+    replay_tokens = load_tokens(Path(inputs["tokenize"]), "train") if train_cfg.replay_fraction else None
 
     def train_batch(step: int, micro: int) -> dict:
         rows = training.sample_rows(step, micro, rank, world, train_cfg, len(train_examples))
-        return collate([train_examples[i] for i in rows], tokenizer.pad_token_id)
+        batch = batch_of([train_examples[i] for i in rows])
+        if replay_tokens is not None:
+            batch["replay_ids"] = replay_rows(replay_tokens, train_cfg, step, micro, rank)
+        return batch
 
     eval_rows = training.eval_row_slices(len(val_examples), train_cfg, rank, world)
-    eval_batches = [collate([val_examples[i] for i in rows], tokenizer.pad_token_id) for rows in eval_rows]
-    keeper = best_keeper(cfg, engine, tokenizer, [val_records[i] for rows in eval_rows for i in rows],
-                         inputs["taskdata"], out_dir, rank)
+    eval_batches = [batch_of([val_examples[i] for i in rows]) for rows in eval_rows]
+    validate = None  # what decides the task, at every validation: accuracy, not only a token-averaged loss
+    if objective == "classifier":
+        validate = head_accuracy(engine, eval_batches)
+    elif labels is not None:
+        measure = regularize.accuracy_measure(engine, tokenizer, [val_records[i] for rows in eval_rows for i in rows],
+                                              labels, cfg.task, train_cfg.max_length)
+        validate = lambda: {"val_accuracy": measure()}
+    stopping = dataclasses.replace(train_cfg.early_stopping, metric=stopping_metric(train_cfg, cfg.task.kind))
+    keeper = BestKeeper(stopping, out_dir / "checkpoints", rank) if stopping.patience else None
     mean_tokens = sum(len(ids) for ids, _ in train_examples) / len(train_examples)
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, int(train_cfg.global_batch_size * mean_tokens),
                             out_dir / "train_log.jsonl")
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints", keeper)
+    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints",
+                             keeper, validate)
     if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
         return metrics
 
@@ -169,8 +291,11 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
                 keeper.load_best(module, metrics["best_step"])
             module.save_pretrained(str(saved_dir), safe_serialization=True)
             tokenizer.save_pretrained(str(saved_dir))
+            write_json(out_dir / OBJECTIVE_FILE, {"objective": objective, "labels": labels,
+                                                  "pad_token_id": tokenizer.pad_token_id})
     if rank == 0 and train_cfg.method == "lora":
         probe = torch.tensor([val_examples[0][0]])
         metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe)
     training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "trainable_parameters": trainable, "augmented_examples": len(augmented) - len(train_records)}
+    return {**metrics, "trainable_parameters": trainable, "augmented_examples": len(augmented) - len(train_records),
+            "max_steps": train_cfg.max_steps}

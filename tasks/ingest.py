@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from conf.schema import DataConfig
 from tasks import dedup, mixing, quality, units
 from tasks.common import TaskContext, UserError, hash_fraction, stable_hash, write_json, write_jsonl
-from tasks.sources import Part, Source, find_sources, read_part
+from tasks.sources import TEXT_SUFFIXES, Part, Source, find_sources, read_part, split_suffix
 
 SHARD_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -141,17 +141,45 @@ def process_part(part: Part, cfg: DataConfig) -> dict:
             raise
         return {**result, "error": str(exc)}
     dropped, examples = result["dropped"], result["examples"]
-    for source_id, raw in raw_docs:
+    for source_id, text in split_documents(raw_docs, part, cfg.text_chunk_chars):
         result["docs_in"] += 1
-        text = normalize(raw)
         reason = drop_reason(text, cfg)
         if reason is None:
             result["docs"].append(mixing.Doc(stable_hash(text), text, source_id, part.source.key))
             continue
         dropped[reason] += 1
         if len(examples[reason]) < cfg.examples_per_reason:
-            examples[reason].append(example(reason, source_id, text or raw))
+            examples[reason].append(example(reason, source_id, text))
     return result
+
+
+def split_documents(raw_docs: list[tuple[str, str]], part: Part, chunk_chars: int) -> list[tuple[str, str]]:
+    """Normalised documents of a part. With data.text_chunk_chars, a text file (.txt/.md/...) becomes
+    several documents: consecutive paragraphs (blank-line separated) up to about that many characters
+    each, ids `<file>#<n>`; record files (JSONL, CSV, Parquet) keep one document per record."""
+    docs = [(source_id, normalize(raw)) for source_id, raw in raw_docs]
+    if not chunk_chars or not is_text_file(part.source):
+        return docs
+    return [(f"{source_id}#{n}", chunk) for source_id, text in docs
+            for n, chunk in enumerate(paragraph_chunks(text, chunk_chars))]
+
+
+def is_text_file(source: Source) -> bool:
+    return source.kind == "file" and split_suffix(source.key)[0] in TEXT_SUFFIXES
+
+
+def paragraph_chunks(text: str, chunk_chars: int) -> list[str]:
+    """Whole paragraphs grouped up to chunk_chars; a longer paragraph is a chunk of its own. An empty
+    text stays one (empty) document, so it is counted as dropped."""
+    chunks, current = [], []
+    size = 0
+    for paragraph in text.split("\n\n"):
+        if current and size + len(paragraph) > chunk_chars:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(paragraph)
+        size += len(paragraph) + 2
+    return chunks + ["\n\n".join(current)]
 
 
 def example(reason: str, source_id: str, text: str, **extra) -> dict:

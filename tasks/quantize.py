@@ -19,11 +19,11 @@ INT8_FILE = "model_int8.pt"
 
 def served_model(finetune_dir: Path, model_dir: Path) -> torch.nn.Module:
     """The float model a server would load: LoRA merged, the full model, or base + prefix adapter."""
-    from tasks.finetune import load_base_model, load_tuned
+    from tasks.models import load_saved, load_tuned
 
     for name in ("merged", "model"):
         if (finetune_dir / name).is_dir():
-            return load_base_model(finetune_dir / name).eval()
+            return load_saved(finetune_dir / name).eval()
     return load_tuned(finetune_dir, model_dir).eval()
 
 

@@ -31,7 +31,10 @@ def add_hidden_dropout(model: torch.nn.Module, p: float) -> int:
 
 
 def target_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens, shifted as Hugging Face does, with label smoothing."""
+    """Mean cross-entropy of the target tokens, shifted as Hugging Face does, with label smoothing;
+    for a classification head (one row of logits and one class index per example) of the classes."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     logits = logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)

@@ -19,6 +19,7 @@ Parquet file; pieces read through the same pyarrow filesystem as whole files.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -80,6 +81,21 @@ def filesystem(key: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowException, ValueError, OSError) as exc:
             raise UserError(f"{key}: not a usable URI ({str(exc).splitlines()[0]})") from None
     return pafs.LocalFileSystem(), os.path.abspath(key)
+
+
+def content_digest(path: str, key: str) -> str:
+    """SHA-256 of a file's bytes (local or behind a URI): what a step's fingerprint holds of a file it
+    reads, so that a file edited in place reruns the step. A file that cannot be read is a UserError
+    naming the config key."""
+    fs, inner = filesystem(path)
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_stream(inner) as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{key}: cannot read '{path}' ({str(exc).splitlines()[0]})") from None
+    return digest.hexdigest()[:16]
 
 
 def find_sources(pattern: str, key: str) -> list[Source]:

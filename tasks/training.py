@@ -282,12 +282,13 @@ def owner(path: Path) -> str | None:
 
 
 def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
-          log: TrainLog, checkpoint_dir: Path, keeper=None) -> dict:
+          log: TrainLog, checkpoint_dir: Path, keeper=None, validate: Callable[[], dict] | None = None) -> dict:
     """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
     `eval_batches`: this rank's validation batches. Resumes from the newest valid checkpoint in
     checkpoint_dir. A stop request (STOP_FILE beside checkpoint_dir, written on SIGTERM) makes
     every rank checkpoint at the end of the current step and return {"stopped_at_step": step}.
-    `keeper` (earlystop.BestKeeper) sees every validation and may end training early."""
+    `keeper` (earlystop.BestKeeper) sees every validation and may end training early; `validate()`
+    adds task metrics (e.g. val_accuracy) to each validation's validation loss."""
     accum = engine.gradient_accumulation_steps()
     stop_file, owner_file = checkpoint_dir.parent / STOP_FILE, checkpoint_dir.parent / OWNER_FILE
     mine = owner(owner_file)
@@ -340,7 +341,7 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
             eval_now = done % cfg.eval_every == 0 or done == cfg.max_steps
             early_stop = False
             if log_now or eval_now:
-                metrics = record_metrics(engine, cfg, forward, eval_batches, log, state, done, eval_now)
+                metrics = record_metrics(engine, cfg, forward, eval_batches, log, state, done, eval_now, validate)
                 # --- early stopping: the keeper saves the best weights and says when to stop ---
                 early_stop = eval_now and keeper is not None and keeper.update(engine, done, metrics, state)
 
@@ -361,7 +362,7 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
 
 
 def record_metrics(engine, cfg: TrainConfig, forward: Callable, eval_batches: list, log: TrainLog, state: dict,
-                   done: int, eval_now: bool) -> dict:
+                   done: int, eval_now: bool, validate: Callable[[], dict] | None = None) -> dict:
     """Training loss averaged over ranks and the applied steps since the last record; validation."""
     total, count = all_reduce_sum([state["window_loss"], state["window_steps"]])
     metrics = {"loss": total / count} if count else {}
@@ -376,6 +377,8 @@ def record_metrics(engine, cfg: TrainConfig, forward: Callable, eval_batches: li
         started = time.monotonic()
         metrics["val_loss"] = evaluate_loss(engine, cfg, forward, eval_batches)
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+        if validate is not None:
+            metrics.update(validate())
         log.exclude(time.monotonic() - started)
     log.record(done, metrics)
     return metrics

@@ -73,11 +73,33 @@ class TrainLog:
                      f"eta {format_seconds(eta)}")
 
 
+PLATEAU_RATIO = 0.95
+"""A training loss that ends above this share of its first logged value never left its start."""
+
+
+def convergence_warnings(rows: list[dict]) -> list[str]:
+    """Signs that a run is far from converged: the training loss never left its starting plateau, or
+    the validation (accuracy, else loss) was still improving at the last validation."""
+    warnings = []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if len(losses) >= 3 and losses[-1] > PLATEAU_RATIO * losses[0]:
+        warnings.append(f"training loss {losses[0]:.4g} -> {losses[-1]:.4g}: it never left its starting plateau "
+                        f"(try a higher learning rate or more steps)")
+    metric = "val_accuracy" if any("val_accuracy" in r for r in rows) else "val_loss"
+    values = [r[metric] if metric == "val_accuracy" else -r[metric] for r in rows if metric in r]
+    if len(values) >= 3 and values[-1] > max(values[:-1]):
+        warnings.append(f"{metric} was still improving at the last validation: more steps (or epochs) may help")
+    return warnings
+
+
 def log_final(log: TrainLog) -> dict:
     if log.rank != 0 or not log.history_path.exists():
         return {}
     rows = [json.loads(line) for line in log.history_path.read_text().splitlines()]
-    final = {f"final_{k}": v for k, v in rows[-1].items() if k in ("loss", "val_loss", "val_ppl")}
+    final = {f"final_{k}": v for k, v in rows[-1].items() if k in ("loss", "val_loss", "val_ppl", "val_accuracy")}
+    for warning in convergence_warnings(rows):
+        log.ctx.say(f"warning: {warning}")
+        final["not_converged"] = 1
     for key in ("tokens_per_s", "mfu"):  # the first window includes start-up
         values = [r[key] for r in rows[1:] if key in r] or [r[key] for r in rows if key in r]
         if values:

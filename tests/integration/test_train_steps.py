@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from conf.schema import EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig
-from tasks import evaluate, finetune, ingest, pretrain, taskdata, tokenize
+from tasks import evaluate, finetune, ingest, models, pretrain, taskdata, tokenize
 from tasks.common import TaskContext
 
 
@@ -35,8 +36,8 @@ def run_finetune(cfg, dirs, out_dir, **changes):
     """Fine-tune with cfg.finetune changed by `changes`; returns (finetune config, metrics)."""
     out_dir.mkdir()
     ft = dataclasses.replace(cfg.finetune, **changes)
-    metrics = finetune.train_worker(FinetuneStepConfig(ft, cfg.task),
-                                    {"pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"]}, out_dir, TaskContext("finetune"))
+    inputs = {"pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"], "tokenize": dirs["tokenize"]}
+    metrics = finetune.train_worker(FinetuneStepConfig(ft, cfg.task), inputs, out_dir, TaskContext("finetune"))
     return ft, metrics
 
 
@@ -54,22 +55,35 @@ def test_pretrain_logs_and_exports_a_loadable_model(steps):
     assert model.config.num_hidden_layers == cfg.model.num_layers
 
 
-@pytest.mark.parametrize("method,zero_stage", [("lora", 2), ("prefix", 3), ("full", 3)])
-def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage):
+@pytest.mark.parametrize("method,zero_stage,objective", [("lora", 2, "classifier"), ("prefix", 3, "classifier"),
+                                                        ("full", 3, "classifier"), ("lora", 2, "lm")])
+def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage, objective):
     from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
 
     cfg, dirs, _ = steps
-    ft, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method=method, zero_stage=zero_stage)
-    base = finetune.load_base_model(dirs["pretrain"] / "model")
+    ft, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method=method, zero_stage=zero_stage,
+                               objective=objective)
+    base = models.load_base_model(dirs["pretrain"] / "model")
+    labels = taskdata.load_labels(dirs["taskdata"])
     total = sum(p.numel() for p in base.parameters())
+    log = [json.loads(line) for line in (tmp_path / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    # what decides the task is logged at every validation, whatever the objective
+    assert all(0 <= r["val_accuracy"] <= 1 for r in log if "val_loss" in r) and "final_val_accuracy" in metrics
     if method == "full":
-        assert metrics["trainable_parameters"] == total
+        assert metrics["trainable_parameters"] >= total
         assert not (tmp_path / "finetune" / "adapter").exists()
-        tuned = finetune.load_base_model(tmp_path / "finetune" / "model")
-        assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))
+        tuned = models.load_saved(tmp_path / "finetune" / "model")
+        assert any(not torch.equal(a, b) for a, b in zip(tuned.model.parameters(), base.model.parameters()))
     else:
         assert 0 < metrics["trainable_parameters"] < total
-        assert isinstance(PeftModel.from_pretrained(base, tmp_path / "finetune" / "adapter"), PeftModel)
+        head_base = models.load_base_model(dirs["pretrain"] / "model", labels if objective == "classifier" else None,
+                                             base.config.pad_token_id)
+        assert isinstance(PeftModel.from_pretrained(head_base, tmp_path / "finetune" / "adapter"), PeftModel)
+    if objective == "classifier" and method != "prefix":  # a plain Hugging Face classifier, labels included
+        exported = AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "finetune" / ("model" if method == "full" else "merged"))
+        assert [exported.config.id2label[i] for i in range(len(labels))] == labels
 
     out = tmp_path / "evaluate"
     out.mkdir()
@@ -77,9 +91,88 @@ def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage):
               "finetune": tmp_path / "finetune"}
     result = evaluate.run(EvaluateStepConfig(cfg.eval, cfg.task, ft.max_length), inputs, out, TaskContext("evaluate"))
     report = json.loads((out / "report.json").read_text())
-    assert set(report["task"]["scores"]) == {"majority", "zero_shot", "untuned", "finetuned"}
+    variants = {"lengthnorm", "calibrated"} if objective == "lm" else set()  # readings of label likelihood
+    assert set(report["task"]["scores"]) == {"majority", "tfidf_logreg", "zero_shot", "untuned", "finetuned", *variants}
+    for scores in report["task"]["scores"].values():  # every task metric with its bootstrap interval
+        assert scores["accuracy_low"] <= scores["accuracy"] <= scores["accuracy_high"]
+    comparison = report["task"]["comparisons"]["tfidf_logreg"]
+    assert comparison["low"] <= comparison["accuracy_delta"] <= comparison["high"]
+    assert result["finetuned_vs_majority_delta"] == pytest.approx(
+        result["finetuned_accuracy"] - result["majority_accuracy"])
     assert report["perplexity"]["pretrained"] == pytest.approx(result["ppl_pretrained"])
+    assert {"unigram", "ngram3", "finetuned"} <= set(report["perplexity"])
+    if method == "prefix":  # prefix tuning leaves the decoder as it was: so is its language model
+        assert result["ppl_finetuned"] == pytest.approx(result["ppl_pretrained"], rel=1e-6)
     assert len(report["samples"]) == cfg.eval.num_samples
+    scores = json.loads((out / "label_scores.json").read_text())["scores"]
+    if objective == "classifier":  # the head's label log-probabilities: each row normalises to 1
+        assert all(abs(sum(math.exp(v) for v in row) - 1) < 1e-4 for row in scores)
+
+
+def test_classifier_learns_a_separable_task(steps, tmp_path):
+    """The classification head on a task a few steps can learn (the label is the first word): the
+    fine-tuned model beats the majority class by far, with the whole pipeline of scoring."""
+    cfg, dirs, _ = steps
+    data = tmp_path / "task.jsonl"
+    rows = [{"text": f"{word} {filler} {i}", "label": label} for i in range(60)
+            for word, label, filler in (("good", "pos", "the film was fine"), ("awful", "neg", "the film was fine"))]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    task = dataclasses.replace(cfg.task, builtin=None, train_path=str(data), test_fraction=0.25, val_fraction=0.2)
+    (tmp_path / "taskdata").mkdir()
+    taskdata.run(task, {}, tmp_path / "taskdata", TaskContext("taskdata"))
+    task_dirs = {**dirs, "taskdata": tmp_path / "taskdata"}
+    ft, metrics = run_finetune(dataclasses.replace(cfg, task=task), task_dirs, tmp_path / "finetune", method="full",
+                               zero_stage=0, precision="fp32", lr=1e-3, max_epochs=3.0, eval_every=10)
+    assert metrics["max_steps"] == math.ceil(3.0 * len(taskdata.load_split(tmp_path / "taskdata", "train")) / 4)
+    (tmp_path / "evaluate").mkdir()
+    inputs = {"tokenize": dirs["tokenize"], "pretrain": dirs["pretrain"], "taskdata": tmp_path / "taskdata",
+              "finetune": tmp_path / "finetune"}
+    result = evaluate.run(EvaluateStepConfig(cfg.eval, task, ft.max_length), inputs, tmp_path / "evaluate",
+                          TaskContext("evaluate"))
+    assert result["finetuned_accuracy"] >= 0.9 > result["majority_accuracy"]
+
+
+def test_random_init_is_the_no_pretraining_control(steps, tmp_path):
+    cfg, dirs, _ = steps
+    run_finetune(cfg, dirs, tmp_path / "finetune", method="full", zero_stage=0, init="random", max_steps=1)
+    tuned = models.load_saved(tmp_path / "finetune" / "model").model.embed_tokens.weight
+    pretrained = models.load_base_model(dirs["pretrain"] / "model").model.embed_tokens.weight
+    torch.manual_seed(cfg.finetune.seed)
+    fresh = models.load_base_model(dirs["pretrain"] / "model", init="random").model.embed_tokens.weight
+    # one small step from the seeded random weights: near them, not near the pretrained ones
+    assert (tuned - fresh).norm() < 0.5 * (tuned - pretrained).norm()
+    # scored as the no_pretraining row; here it is also the fine-tuned model: a tie with itself
+    (tmp_path / "evaluate").mkdir()
+    inputs = {"tokenize": dirs["tokenize"], "pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"],
+              "finetune": tmp_path / "finetune", "control": tmp_path / "finetune"}
+    result = evaluate.run(EvaluateStepConfig(cfg.eval, cfg.task, cfg.finetune.max_length), inputs,
+                          tmp_path / "evaluate", TaskContext("evaluate"))
+    assert result["no_pretraining_accuracy"] == result["finetuned_accuracy"]
+    assert result["finetuned_vs_no_pretraining_delta"] == 0 == result["finetuned_vs_no_pretraining_low"]
+
+
+def test_replay_trains_the_language_model_through_the_tied_head(steps, tmp_path):
+    """The replay loss of a classifier (decoder + tied embeddings) is the causal LM's own loss on the
+    same weights; fine-tuning with replay mixes it in, and validation keeps the task loss alone."""
+    from peft import get_peft_model
+
+    cfg, dirs, _ = steps
+    labels = taskdata.load_labels(dirs["taskdata"])
+    rows = torch.from_numpy(tokenize.load_split(dirs["tokenize"], "train")[:2].astype("int64"))
+    lm = models.load_base_model(dirs["pretrain"] / "model").eval()
+    head = models.load_base_model(dirs["pretrain"] / "model", labels, lm.config.pad_token_id).eval()
+    wrapped = get_peft_model(head, finetune.lora_config(cfg.finetune, "classifier")).eval()
+    with torch.no_grad():
+        expected = lm(input_ids=rows, labels=rows).loss
+        assert finetune.language_model_loss(head, rows) == pytest.approx(expected.item(), rel=1e-5)
+        assert finetune.language_model_loss(wrapped, rows) == pytest.approx(expected.item(), rel=1e-5)
+
+    logs = {}
+    for name, fraction in (("plain", 0.0), ("replay", 0.5)):
+        run_finetune(cfg, dirs, tmp_path / name, method="lora", precision="fp32", replay_fraction=fraction)
+        logs[name] = [json.loads(l) for l in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    assert logs["plain"][0]["loss"] != logs["replay"][0]["loss"]  # the mixed loss trains
+    assert all(math.isfinite(r["loss"]) for r in logs["replay"])
 
 
 def test_label_scores_do_not_depend_on_what_else_is_scored(steps):
@@ -87,7 +180,7 @@ def test_label_scores_do_not_depend_on_what_else_is_scored(steps):
     from transformers import AutoTokenizer
 
     cfg, dirs, _ = steps
-    model = finetune.load_base_model(dirs["pretrain"] / "model").eval()
+    model = models.load_base_model(dirs["pretrain"] / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(dirs["pretrain"] / "model")
     records = taskdata.load_split(dirs["taskdata"], "test")[:4]
     labels = taskdata.load_labels(dirs["taskdata"])
@@ -177,9 +270,9 @@ def test_lora_merged_model_matches_base_plus_adapter(steps, tmp_path):
     _, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method="lora")
     assert metrics["merge_max_logit_error"] <= 1e-4
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
-    adapter = PeftModel.from_pretrained(finetune.load_base_model(dirs["pretrain"] / "model"),
-                                        tmp_path / "finetune" / "adapter").eval()
-    merged = finetune.load_base_model(tmp_path / "finetune" / "merged").eval()
+    adapter = models.load_tuned(tmp_path / "finetune", dirs["pretrain"] / "model").eval()
+    assert isinstance(adapter, PeftModel)
+    merged = models.load_saved(tmp_path / "finetune" / "merged").eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-4)

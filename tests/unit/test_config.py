@@ -58,6 +58,8 @@ def test_wrong_type_is_rejected():
     ("experiment_name=../../etc", "experiment_name"),
     ("pretrain.on_nonfinite=ignore", "pretrain.on_nonfinite"),
     ("+task.fields.answer=category", "task.fields"),
+    ("data.paths=[README.md]", "data.paths"),  # the default data=stdlib is still active: say which override
+    ("task.train_path=README.md", "task.train_path"),  # the built-in task would ignore the file
 ])
 def test_inconsistent_config_names_the_key(override, key):
     cfg = compose_config(["+experiment=tiny", override])

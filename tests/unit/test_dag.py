@@ -117,3 +117,52 @@ def test_decontamination_is_a_report_unless_it_removes(tiny_cfg, tmp_path):
         {"decontaminate", "tokenize", "pretrain", "finetune", "evaluate"}
     assert "decontaminate" not in off and {n: p.fingerprint for n, p in off.items()} == \
         {n: p.fingerprint for n, p in report.items() if n != "decontaminate"}
+
+
+def test_no_pretraining_control_is_planned_before_each_evaluation(tiny_cfg, tmp_path):
+    """eval.no_pretraining: one control step (full fine-tuning from random init, the finetune settings)
+    that every evaluation reads; a LoRA-only option does not change it, the learning rate does."""
+    on = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, no_pretraining=True))
+    planned = {p.step.name: p for p in dag.plan(on, tmp_path)}
+    assert list(planned)[-3:] == ["control", "finetune", "evaluate"]
+    assert "control" in planned["evaluate"].upstream and planned["control"].view["finetune"]["init"] == "random"
+    lora = dataclasses.replace(on.finetune.lora, r=2)
+    same = fingerprints(dataclasses.replace(on, finetune=dataclasses.replace(on.finetune, lora=lora)), tmp_path)
+    faster = fingerprints(dataclasses.replace(on, finetune=dataclasses.replace(on.finetune, lr=0.1)), tmp_path)
+    assert same["control"] == planned["control"].fingerprint != faster["control"]
+    generation = dataclasses.replace(on, task=dataclasses.replace(on.task, kind="generation"))
+    assert "control" not in fingerprints(generation, tmp_path)
+
+
+def test_replay_makes_finetune_read_the_pretraining_rows(tiny_cfg, tmp_path):
+    on = dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, replay_fraction=0.25))
+    assert "tokenize" in {p.step.name: p for p in dag.plan(on, tmp_path)}["finetune"].upstream
+    assert "tokenize" not in {p.step.name: p for p in dag.plan(tiny_cfg, tmp_path)}["finetune"].upstream
+
+
+def test_a_task_file_edited_in_place_reruns_taskdata_and_says_so(tiny_cfg, tmp_path):
+    """The task files enter the fingerprint by their bytes, not their path."""
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(f'{{"text": "row {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(40)))
+    cfg = dataclasses.replace(tiny_cfg, task=dataclasses.replace(tiny_cfg.task, builtin=None, train_path=str(data)))
+    root = tmp_path / "root"
+    first = {p.step.name: p for p in dag.plan(cfg, root)}
+    for name in ("taskdata", "finetune"):
+        p = first[name]
+        artifacts.publish(artifacts.staging_dir(root, name, p.fingerprint), p.out_dir,
+                          {"config": p.view, "upstream": p.upstream, "finished_at": 1.0})
+    assert {p.step.name: p.status for p in dag.plan(cfg, root)}["taskdata"] == "cached"
+    data.write_text(data.read_text().replace('"label": "b"', '"label": "c"'))  # same path, new labels
+    second = {p.step.name: p for p in dag.plan(cfg, root)}
+    assert second["taskdata"].status == "run" and "file_digests.train_path: the file changed" in second["taskdata"].reason
+    assert second["finetune"].fingerprint != first["finetune"].fingerprint
+
+
+def test_an_augmentation_lexicon_counts_by_its_bytes(tiny_cfg, tmp_path):
+    lexicon = tmp_path / "lexicon.json"
+    lexicon.write_text('{"good": ["fine"]}')
+    augment = dataclasses.replace(tiny_cfg.finetune.augment, copies=1, lexicon_path=str(lexicon))
+    cfg = dataclasses.replace(tiny_cfg, finetune=dataclasses.replace(tiny_cfg.finetune, augment=augment))
+    before = fingerprints(cfg, tmp_path)["finetune"]
+    lexicon.write_text('{"good": ["great"]}')
+    assert fingerprints(cfg, tmp_path)["finetune"] != before

@@ -206,3 +206,89 @@ def test_model_sizes_and_flops_per_token_agree_with_the_model(size):
     attention_flops = 12 * cfg.num_layers * cfg.hidden_size * 128
     matmul_weights = (flops_per_token(cfg, 32000, 128) - attention_flops) / 6
     assert matmul_weights + norms == count_parameters(model)
+
+
+def test_one_big_text_file_becomes_paragraph_documents():
+    from tasks.sources import Part, Source
+
+    book = "\n\n".join(f"Paragraph {i}. " + "word " * 40 for i in range(10))  # 10 paragraphs of ~215 chars
+    text_part = Part(Source("file", "book.txt", 0), 0)
+    docs = ingest.split_documents([("book.txt", book)], text_part, chunk_chars=500)
+    assert [d for d, _ in docs] == [f"book.txt#{n}" for n in range(len(docs))] and len(docs) == 5
+    assert all(len(text) <= 500 for _, text in docs)
+    assert "\n\n".join(text for _, text in docs) == ingest.normalize(book)  # nothing lost, nothing repeated
+    # off, or a record file: one document per file / record
+    assert ingest.split_documents([("book.txt", book)], text_part, 0) == [("book.txt", ingest.normalize(book))]
+    records = Part(Source("file", "rows.jsonl", 0), 0)
+    assert len(ingest.split_documents([("rows.jsonl:1", book)], records, 500)) == 1
+    # a paragraph longer than the limit stays whole
+    assert ingest.paragraph_chunks("x" * 900 + "\n\nshort", 500) == ["x" * 900, "short"]
+
+
+def test_class_examples_are_left_padded_with_one_label_each():
+    batch = finetune.collate_classes([([5, 6, 7], 1), ([8], 0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [1, 0] and batch["weight"] == 2
+
+
+def test_epoch_budget_sets_max_steps_from_the_data():
+    from conf.schema import FinetuneConfig
+
+    cfg = FinetuneConfig(max_steps=7, global_batch_size=32, max_epochs=2.5)
+    assert finetune.epoch_budget(cfg, 1000).max_steps == 79  # ceil(2.5 * 1000 / 32)
+    assert finetune.epoch_budget(FinetuneConfig(max_steps=7), 1000).max_steps == 7
+
+
+def test_objective_and_stopping_metric_follow_the_task_kind():
+    from conf.schema import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    assert finetune.resolve_objective(cfg, "classification") == "classifier"
+    assert finetune.resolve_objective(cfg, "generation") == "lm"
+    assert finetune.stopping_metric(cfg, "classification") == "val_accuracy"
+    assert finetune.stopping_metric(cfg, "chat") == "val_loss"
+
+
+def test_convergence_warnings():
+    from tasks.trainlog import convergence_warnings
+
+    flat = [{"loss": 2.0}, {"loss": 1.99, "val_loss": 2.0}, {"loss": 1.98, "val_loss": 2.0}]
+    assert any("plateau" in w for w in convergence_warnings(flat))
+    rising = [{"loss": 2.0, "val_accuracy": 0.5}, {"loss": 1.0, "val_accuracy": 0.6}, {"loss": 0.5, "val_accuracy": 0.7}]
+    assert [w for w in convergence_warnings(rising) if "still improving" in w]
+    settled = [{"loss": 2.0, "val_accuracy": 0.5}, {"loss": 1.0, "val_accuracy": 0.8}, {"loss": 0.5, "val_accuracy": 0.7}]
+    assert convergence_warnings(settled) == []
+
+
+def test_quality_warnings_flag_a_model_that_does_not_beat_a_baseline():
+    task = {"comparisons": {"tfidf_logreg": {"accuracy_delta": -0.1, "low": -0.15, "high": -0.05, "verdict": "worse"},
+                            "majority": {"accuracy_delta": 0.2, "low": 0.1, "high": 0.3, "verdict": "better"}}}
+    warnings = evaluate.quality_warnings(task, {"pretrained": 120.0, "ngram3": 100.0})
+    assert len(warnings) == 2 and "tfidf_logreg" in warnings[0] and "n-gram" in warnings[1]
+
+
+def test_contextual_calibration_removes_the_prompt_prior():
+    """A model that adds the same bias to one label for every input: calibration against content-free
+    inputs takes it out, length normalisation divides by the label's tokens (+EOS)."""
+    import torch
+
+    class Biased(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, 10)
+            logits[..., 3] = 2.0  # token 3 ("label a") is favoured everywhere
+            return type("Out", (), {"logits": logits})()
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 9
+
+        def encode(self, text, add_special_tokens=False):
+            return [3] if text.strip() == "a" else [4, 5] if text.strip() == "b" else [1] * len(text.split())
+
+    task = TaskConfig(prompt_template="{text} =")
+    variants = evaluate.likelihood_variants(Biased(), Tok(), [[-1.0, -4.0], [-1.0, -4.0]], ["a", "b"], task, 32)
+    assert variants["lengthnorm"][0] == [-0.5, -4.0 / 3]
+    # the same scores as the content-free inputs: calibrated, both labels are equally likely
+    summed = [evaluate.label_log_likelihoods(Biased(), Tok(), {"text": "x", "label": "a"}, ["a", "b"], task, 32)]
+    calibrated = evaluate.likelihood_variants(Biased(), Tok(), summed, ["a", "b"], task, 32)["calibrated"][0]
+    assert calibrated[0] == pytest.approx(calibrated[1])

@@ -1,0 +1,97 @@
+"""Loading the models that the stages hand to each other: the pretrained causal LM, the same decoder
+under a sequence-classification head, a finetune step's output whatever its method and objective,
+and a fine-tuned classifier read back as a language model (for held-out perplexity).
+
+    load_base_model(model_dir[, labels, pad_token_id, init]) -> causal LM or classifier
+    load_tuned(finetune_dir, model_dir) -> the fine-tuned model (plain or PEFT-wrapped)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+OBJECTIVE_FILE = "objective.json"
+"""In a finetune step's output: {"objective", "labels", "pad_token_id"}; how load_tuned rebuilds the model."""
+
+
+def head_settings(labels: list[str], pad_token_id: int) -> dict:
+    """Config changes that turn the decoder into a sequence classifier over `labels`."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": pad_token_id}
+
+
+def load_base_model(model_dir: Path, labels: list[str] | None = None, pad_token_id: int | None = None,
+                    init: str = "pretrained", **config_changes):
+    """The pretrained causal LM, or with `labels` the same decoder under a new classification head
+    (LlamaForSequenceClassification: the last non-pad position's hidden state, one logit per label).
+    init='random': the same architecture from random initialisation (seeded by torch's generator)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    changes = {**config_changes, **({} if labels is None else head_settings(labels, pad_token_id))}
+    if init == "random":
+        model = model_class.from_config(AutoConfig.from_pretrained(str(model_dir), **changes)).float()
+    else:
+        model = model_class.from_pretrained(str(model_dir), dtype=torch.float32, **changes)
+    return model if labels is None else accept_prefix_cache(model)
+
+
+def accept_prefix_cache(model):
+    """PEFT's prefix tuning for sequence classification hands its trained KV cache over only where
+    the model's forward names a `past_key_values` argument, which transformers 5 calls `cache`: the
+    instance gets a forward with that name (the same call otherwise)."""
+    inner = model.forward
+
+    def forward(input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return inner(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                     **kwargs)
+
+    model.forward = forward
+    return model
+
+
+def load_saved(model_dir: Path):
+    """A full model saved by a finetune step (model/ or merged/): causal LM or sequence classifier."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    architectures = AutoConfig.from_pretrained(str(model_dir)).architectures or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    model_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    return model_class.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def is_classifier(model) -> bool:
+    """Whether `model` (plain, PEFT-wrapped or quantised) ends in a sequence-classification head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
+def load_tuned(finetune_dir: Path, model_dir: Path):
+    """The fine-tuned model of a finetune step's output, whatever the method and objective."""
+    import json
+
+    from peft import PeftModel
+
+    if (finetune_dir / "model").is_dir():
+        return load_saved(finetune_dir / "model")
+    meta_file = finetune_dir / OBJECTIVE_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"objective": "lm"}
+    labels = meta.get("labels") if meta["objective"] == "classifier" else None
+    base = load_base_model(model_dir, labels, meta.get("pad_token_id"))
+    return PeftModel.from_pretrained(base, str(finetune_dir / "adapter"))
+
+
+def tuned_language_model(finetune_dir: Path, model_dir: Path, tuned):
+    """The fine-tuned model as a language model, for held-out perplexity: itself for the lm objective;
+    for a classifier, its (merged) decoder under the pretrained output head, which ties to the
+    (possibly tuned) input embeddings where the model ties them. Prefix tuning leaves the decoder as it was."""
+    if not is_classifier(tuned):
+        return tuned
+    saved = next((finetune_dir / name for name in ("merged", "model") if (finetune_dir / name).is_dir()), None)
+    source = load_saved(saved) if saved is not None else tuned.get_base_model()
+    language_model = load_base_model(model_dir)
+    language_model.model.load_state_dict(source.model.state_dict())
+    return language_model.eval()
