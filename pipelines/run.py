@@ -83,9 +83,10 @@ def print_evaluation(metrics: dict) -> None:
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items()))
     models = [m for m in (*BASELINES, "finetuned", *LIKELIHOOD_VARIANTS) if task_metric_names(metrics, m)]
     names = sorted({n for m in models for n in task_metric_names(metrics, m)})
-    print(f"  {'task':<12} " + " ".join(f"{n:>24}" for n in names))
+    width = max(len("task"), *(len(m) for m in models))
+    print(f"  {'task':<{width}} " + " ".join(f"{n:>24}" for n in names))
     for model in models:
-        print(f"  {model:<12} " + " ".join(f"{with_interval(metrics, f'{model}_{n}'):>24}" for n in names))
+        print(f"  {model:<{width}} " + " ".join(f"{with_interval(metrics, f'{model}_{n}'):>24}" for n in names))
     for name in BASELINES:
         if f"finetuned_vs_{name}_delta" in metrics:
             low, high = metrics[f"finetuned_vs_{name}_low"], metrics[f"finetuned_vs_{name}_high"]
