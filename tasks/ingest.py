@@ -203,7 +203,8 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     dropped["subsampled"] = merged["num_unique"] - dropped["near_duplicate"] - len(kept)
     docs_in, quarantined = merged["docs_in"], merged["quarantined"]
     if not kept:
-        raise UserError(f"data: no usable documents in {len(sources)} sources ({docs_in} read, dropped {dropped})")
+        raise UserError(f"data: no usable documents in {len(sources)} sources ({docs_in} read, dropped "
+                        f"{({k: v for k, v in dropped.items() if v})}){drop_hint(dropped)}")
 
     num_shards = write_shards(kept + repeats, out_dir, cfg.docs_per_shard)
     write_json(out_dir / "quarantine.json", quarantined)
@@ -219,8 +220,29 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     }
     assert docs_in == len(kept) + sum(dropped.values()), "document accounting does not add up"
     ctx.say(f"kept {len(kept)} of {docs_in} documents; dropped {({k: v for k, v in dropped.items() if v})}; "
-            f"quarantined files {len(quarantined)}")
+            f"quarantined files {len(quarantined)}{drop_hint(dropped) if dropped['too_long'] else ''}")
     return metrics
+
+
+DROP_KEYS = {
+    "too_long": "data.filters.max_doc_chars (or cut big text files into paragraph documents with data.text_chunk_chars)",
+    "too_short": "data.min_chars", "empty": "data.paths (the files hold no text)",
+    "mean_word_length": "data.filters.min_mean_word_length / max_mean_word_length",
+    "symbol_ratio": "data.filters.max_symbol_ratio", "digit_ratio": "data.filters.max_digit_ratio",
+    "repeated_lines": "data.filters.max_repeated_line_fraction",
+    "repeated_ngrams": "data.filters.max_repeated_ngram_fraction",
+    "language": "data.filters.languages / min_language_score",
+}
+"""The setting that lets through what each drop reason holds back."""
+
+
+def drop_hint(dropped: dict) -> str:
+    """'; most were dropped as <reason>: see <key>' for the biggest reason with a setting behind it."""
+    counted = [(count, reason) for reason, count in dropped.items() if count and reason in DROP_KEYS]
+    if not counted:
+        return ""
+    _, reason = max(counted)
+    return f"; most were dropped as {reason}: see {DROP_KEYS[reason]}"
 
 
 def merge_results(results: list[dict], examples_per_reason: int) -> dict:

@@ -171,8 +171,10 @@ def encode_and_pack(tokenizer: Tokenizer, texts: list[str], is_val: list[bool], 
     for index, split in enumerate(["train", "val"]):
         rows = pack(np.concatenate([e[index] for e in encoded]), cfg.seq_len, dtype)
         if len(rows) == 0:
-            raise UserError(f"tokenizer.seq_len: the {split} split has fewer than {cfg.seq_len} tokens "
-                            f"(raise data.max_bytes or tokenizer.val_fraction)")
+            hint = ("raise tokenizer.val_fraction; the split takes whole documents, so with one or a few big "
+                    "text files cut them into paragraphs with data.text_chunk_chars") if split == "val" else \
+                   "add corpus (data.paths, data.max_bytes) or lower tokenizer.seq_len"
+            raise UserError(f"tokenizer.seq_len: the {split} split has fewer than {cfg.seq_len} tokens ({hint})")
         rows.tofile(out_dir / f"{split}.bin")
         splits[split] = rows
     return splits, sum(len(e[0]) + len(e[1]) for e in encoded)

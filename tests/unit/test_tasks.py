@@ -292,3 +292,10 @@ def test_contextual_calibration_removes_the_prompt_prior():
     summed = [evaluate.label_log_likelihoods(Biased(), Tok(), {"text": "x", "label": "a"}, ["a", "b"], task, 32)]
     calibrated = evaluate.likelihood_variants(Biased(), Tok(), summed, ["a", "b"], task, 32)["calibrated"][0]
     assert calibrated[0] == pytest.approx(calibrated[1])
+
+
+def test_drop_hint_names_the_setting_behind_the_biggest_reason():
+    assert ingest.drop_hint({"too_long": 3, "too_short": 1, "duplicate": 9}).endswith(
+        "dropped as too_long: see data.filters.max_doc_chars (or cut big text files into paragraph documents "
+        "with data.text_chunk_chars)")
+    assert ingest.drop_hint({"duplicate": 2}) == ""
