@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.run import with_interval
+from tasks import baselines
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -90,13 +93,6 @@ def run_task(root: Path, task: str, paths: tuple[Path, Path], extra: list[str]) 
             for s in steps}
 
 
-def interval(metrics: dict, key: str) -> str:
-    if key not in metrics:
-        return "-"
-    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
-    return f"{metrics[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
-
-
 def print_task(task: str, steps: dict) -> None:
     first = steps[f"evaluate.{next(iter(BRANCHES))}"]
     pretrain = steps["pretrain"]
@@ -105,12 +101,12 @@ def print_task(task: str, steps: dict) -> None:
     print("|---|---|---|---|---|")
     for name in BASELINES:
         seconds = f"{steps['control'].get('train_seconds', 0):.0f}" if name == "no_pretraining" and "control" in steps else ""
-        print(f"| {name} | {interval(first, f'{name}_accuracy')} | {interval(first, f'{name}_macro_f1')} | {seconds} | |")
+        print(f"| {name} | {with_interval(first, f'{name}_accuracy')} | {with_interval(first, f'{name}_macro_f1')} | {seconds} | |")
     for branch, title in BRANCHES.items():
         scores, tuned = steps[f"evaluate.{branch}"], steps[f"finetune.{branch}"]
         low, high = scores["finetuned_vs_tfidf_logreg_low"], scores["finetuned_vs_tfidf_logreg_high"]
-        verdict = "better" if low > 0 else "worse" if high < 0 else "tie"
-        print(f"| {title} | {interval(scores, 'finetuned_accuracy')} | {interval(scores, 'finetuned_macro_f1')} | "
+        verdict = baselines.verdict(low, high)
+        print(f"| {title} | {with_interval(scores, 'finetuned_accuracy')} | {with_interval(scores, 'finetuned_macro_f1')} | "
               f"{tuned.get('train_seconds', float('nan')):.0f} | {scores['finetuned_vs_tfidf_logreg_delta']:+.3f} "
               f"[{low:+.3f}, {high:+.3f}] {verdict} |")
     ppl = {k[4:]: v for k, v in first.items() if k.startswith("ppl_")}

@@ -133,12 +133,7 @@ CONTROL = Step("control", 1, finetune.train_worker, control_section, ("pretrain"
 
 def with_replay(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
     """A fine-tuning with replay (finetune.replay_fraction) reads the tokenize step's pretraining rows."""
-    def replays(step: Step) -> bool:
-        if step.base != "finetune":
-            return False
-        ft = cfg.finetunes[step.name.split(".", 1)[1]] if "." in step.name else cfg.finetune
-        return ft.replay_fraction > 0
-
+    replays = lambda step: step.base == "finetune" and step.section(cfg).finetune.replay_fraction > 0
     return tuple(dataclasses.replace(s, deps=(*s.deps, "tokenize")) if replays(s) else s for s in steps)
 
 

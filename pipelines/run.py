@@ -18,6 +18,7 @@ from conf.schema import Config, register_configs
 from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
 from pipelines.redaction import redact, redact_text
 from pipelines.validate import validate
+from tasks import baselines
 from tasks.common import UserError, write_json
 
 register_configs()
@@ -90,7 +91,7 @@ def print_evaluation(metrics: dict) -> None:
     for name in BASELINES:
         if f"finetuned_vs_{name}_delta" in metrics:
             low, high = metrics[f"finetuned_vs_{name}_low"], metrics[f"finetuned_vs_{name}_high"]
-            verdict = "better" if low > 0 else "WORSE" if high < 0 else "tie"
+            verdict = baselines.verdict(low, high).replace("worse", "WORSE")
             print(f"  finetuned - {name}: accuracy {metrics[f'finetuned_vs_{name}_delta']:+.3f} "
                   f"[{low:+.3f}, {high:+.3f}] {verdict}")
 

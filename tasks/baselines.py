@@ -2,9 +2,9 @@
 
 - `tfidf_logreg`: the classic text-classification baseline (word 1-2-gram TF-IDF + logistic
   regression), to put a fine-tuned model's accuracy in context.
-- `bootstrap_interval` / `paired_bootstrap_difference`: percentile bootstrap over test examples, so a
-  score comes with an interval and a comparison of two models can say "tie" when the interval of
-  their difference contains 0.
+- `resampled_classification_scores` / `percentile_interval` / `verdict`: percentile bootstrap over test
+  examples (every model on the same resamples), so a score comes with an interval and a comparison
+  of two models can say "tie" when the interval of their difference contains 0.
 - `kneser_ney_nll` (with the `KneserNey` model behind it): an interpolated Kneser-Ney n-gram language
   model over token ids, scoring the same targets as `tasks.evaluate.unigram_nll` (every token of a
   packed row from position 1 on, context truncated at the row start).
@@ -12,17 +12,16 @@
 Pure functions, no I/O; scikit-learn is imported only by the function that needs it:
 
     predicted = tfidf_logreg(train_texts, train_labels, test_texts)
-    low, high = bootstrap_interval(gold, predicted, accuracy)
+    scores = resampled_classification_scores(gold, {"model": predicted}, labels, num_resamples=1000)
+    low, high = percentile_interval(scores["model"]["accuracy"], 0.95)
     nll = kneser_ney_nll(train_rows, val_rows, vocab_size)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-
-Metric = Callable[[Sequence, Sequence], float]
 
 
 def tfidf_logreg(train_texts: list[str], train_labels: list[str], test_texts: list[str], C: float = 10.0,
@@ -42,39 +41,10 @@ def tfidf_logreg(train_texts: list[str], train_labels: list[str], test_texts: li
 # --- bootstrap -------------------------------------------------------------------------------------
 
 
-def resampled_scores(gold: Sequence, predictions: list[Sequence], metric: Metric, num_resamples: int,
-                     seed: int) -> np.ndarray:
-    """metric(gold, p) for each p in predictions on the same resamples: shape [len(predictions), num_resamples]."""
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(gold), size=(num_resamples, len(gold))).tolist()
-    scores = np.empty((len(predictions), num_resamples))
-    for r, sample in enumerate(samples):
-        resampled_gold = [gold[i] for i in sample]
-        for m, predicted in enumerate(predictions):
-            scores[m, r] = metric(resampled_gold, [predicted[i] for i in sample])
-    return scores
-
-
 def percentile_interval(scores: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2
     low, high = np.quantile(scores, [tail, 1.0 - tail])
     return float(low), float(high)
-
-
-def bootstrap_interval(gold: list, predicted: list, metric: Metric, num_resamples: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of metric(gold, predicted), test examples resampled with replacement."""
-    return percentile_interval(resampled_scores(gold, [predicted], metric, num_resamples, seed)[0], level)
-
-
-def paired_bootstrap_difference(gold: list, predicted_a: list, predicted_b: list, metric: Metric,
-                                num_resamples: int = 1000, level: float = 0.95,
-                                seed: int = 0) -> tuple[float, float, float]:
-    """(metric(a) - metric(b) on the whole test set, low, high): the interval of the difference over
-    resamples shared by both models, so per-example correlation between them narrows it."""
-    scores = resampled_scores(gold, [predicted_a, predicted_b], metric, num_resamples, seed)
-    difference = metric(gold, predicted_a) - metric(gold, predicted_b)
-    return (float(difference), *percentile_interval(scores[0] - scores[1], level))
 
 
 def resampled_classification_scores(gold: Sequence[str], predictions: dict[str, Sequence[str]], labels: list[str],

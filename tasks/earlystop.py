@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -21,17 +20,15 @@ HIGHER_IS_BETTER = {"val_loss": False, "val_accuracy": True}
 
 
 class BestKeeper:
-    def __init__(self, cfg: EarlyStoppingConfig, checkpoint_dir: Path, rank: int,
-                 measure: Optional[Callable[[], float]] = None):
-        """`measure()` returns cfg.metric where it is not the validation loss (every rank calls it)."""
-        self.cfg, self.best_dir, self.rank, self.measure = cfg, checkpoint_dir / "best", rank, measure
+    def __init__(self, cfg: EarlyStoppingConfig, checkpoint_dir: Path, rank: int):
+        """cfg.metric must be among the metrics of each validation (val_accuracy comes from the training
+        loop's `validate`)."""
+        self.cfg, self.best_dir, self.rank = cfg, checkpoint_dir / "best", rank
 
     def update(self, engine, step: int, metrics: dict, state: dict) -> bool:
         """Record one validation; True when training should stop."""
         from tasks.training import full_parameters
 
-        if self.cfg.metric not in metrics:
-            metrics[self.cfg.metric] = self.measure()
         value = metrics[self.cfg.metric]
         score = -value if HIGHER_IS_BETTER[self.cfg.metric] else value
         if score < state["best_score"] - self.cfg.min_delta:

@@ -67,11 +67,28 @@ def noisy_predictions(num_examples: int, error_rate: float, seed: int) -> tuple[
     return gold.tolist(), np.where(wrong, (gold + 1) % 4, gold).tolist()
 
 
+LABELS = [0, 1, 2, 3]
+
+
+def resampled_accuracy(gold, predictions: dict, num_resamples: int, seed: int = 0) -> dict:
+    scores = baselines.resampled_classification_scores(gold, predictions, LABELS, num_resamples, seed)
+    return {name: metrics["accuracy"] for name, metrics in scores.items()}
+
+
+def bootstrap_interval(gold, predicted, num_resamples: int, seed: int = 0) -> tuple[float, float]:
+    return baselines.percentile_interval(resampled_accuracy(gold, {"m": predicted}, num_resamples, seed)["m"], 0.95)
+
+
+def paired_difference(gold, a, b, num_resamples: int) -> tuple[float, float, float]:
+    scores = resampled_accuracy(gold, {"a": a, "b": b}, num_resamples)
+    return (accuracy(gold, a) - accuracy(gold, b), *baselines.percentile_interval(scores["a"] - scores["b"], 0.95))
+
+
 def test_bootstrap_interval_contains_estimate_and_narrows_with_more_examples():
     widths = []
     for num_examples in (100, 2000):
         gold, predicted = noisy_predictions(num_examples, 0.2, seed=0)
-        low, high = baselines.bootstrap_interval(gold, predicted, accuracy, num_resamples=500)
+        low, high = bootstrap_interval(gold, predicted, num_resamples=500)
         assert low < accuracy(gold, predicted) < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2  # ~ 1/sqrt(n): 20x the examples, ~4.5x narrower
@@ -79,22 +96,23 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_examples():
 
 def test_bootstrap_interval_is_reproducible_for_a_seed():
     gold, predicted = noisy_predictions(300, 0.3, seed=1)
-    first = baselines.bootstrap_interval(gold, predicted, accuracy, num_resamples=200, seed=5)
-    assert first == baselines.bootstrap_interval(gold, predicted, accuracy, num_resamples=200, seed=5)
-    assert first != baselines.bootstrap_interval(gold, predicted, accuracy, num_resamples=200, seed=6)
+    first = bootstrap_interval(gold, predicted, num_resamples=200, seed=5)
+    assert first == bootstrap_interval(gold, predicted, num_resamples=200, seed=5)
+    assert first != bootstrap_interval(gold, predicted, num_resamples=200, seed=6)
 
 
 def test_paired_difference_of_a_model_with_itself_is_zero():
     gold, predicted = noisy_predictions(300, 0.3, seed=2)
-    assert baselines.paired_bootstrap_difference(gold, predicted, predicted, accuracy, num_resamples=200) == (0, 0, 0)
+    assert paired_difference(gold, predicted, predicted, num_resamples=200) == (0, 0, 0)
 
 
 def test_paired_difference_separates_a_better_model():
     gold, worse = noisy_predictions(1000, 0.3, seed=3)
     better = [g if i % 2 else w for i, (g, w) in enumerate(zip(gold, worse))]  # fixes half of the errors
-    difference, low, high = baselines.paired_bootstrap_difference(gold, better, worse, accuracy, num_resamples=300)
+    difference, low, high = paired_difference(gold, better, worse, num_resamples=300)
     assert difference == pytest.approx(accuracy(gold, better) - accuracy(gold, worse))
     assert 0 < low < difference < high
+    assert baselines.verdict(low, high) == "better"
 
 
 # --- Kneser-Ney ----------------------------------------------------------------------------------
