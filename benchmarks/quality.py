@@ -70,12 +70,31 @@ def prepare(out_dir: Path) -> dict[str, tuple[Path, Path]]:
             "cr": write_task(out_dir, "cr", *cr_split(DATASETS / "cr"))}
 
 
+def write_task_texts(out_dir: Path, tasks: dict[str, tuple[Path, Path]]) -> Path:
+    """The input texts of every task's train split (never a test record), one a line: the unlabeled
+    in-domain text of task-adaptive pretraining (Gururangan et al., 2020)."""
+    from benchmarks.reference_classifier import read_jsonl
+
+    path = out_dir / "task_train_texts.txt"
+    path.write_text("".join(r["text"] + "\n" for train, _ in tasks.values() for r in read_jsonl(train)))
+    return path
+
+
+def corpus_overrides(tasks: dict[str, tuple[Path, Path]], out_dir: Path, adaptive: float) -> list[str]:
+    """The book alone, or with the tasks' train texts at mixing weight `adaptive` (one corpus for all tasks,
+    so the pretraining is still shared)."""
+    book = DATASETS / "war_and_peace.txt"
+    if not adaptive:
+        return [f"data.paths=[{book}]"]
+    return [f"data.paths=[{book},{write_task_texts(out_dir, tasks)}]", f"data.weights=[1,{adaptive:g}]"]
+
+
 def run_task(root: Path, task: str, paths: tuple[Path, Path], extra: list[str]) -> dict:
     """One pipeline run; returns {step name: metrics} from its summary JSON."""
     log_path = root / "benchmarks" / f"quality_{task}.log"
     command = [sys.executable, "-m", "pipelines.run", "+experiment=quality", f"paths.root={root}",
                f"experiment_name=quality_{task}", "task=jsonl", f"task.train_path={paths[0]}", f"task.test_path={paths[1]}",
-               f"data.paths=[{DATASETS / 'war_and_peace.txt'}]", *extra]
+               *extra]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,7 +128,7 @@ def print_task(task: str, steps: dict) -> None:
         print(f"| {title} | {with_interval(scores, 'finetuned_accuracy')} | {with_interval(scores, 'finetuned_macro_f1')} | "
               f"{tuned.get('train_seconds', float('nan')):.0f} | {scores['finetuned_vs_tfidf_logreg_delta']:+.3f} "
               f"[{low:+.3f}, {high:+.3f}] {verdict} |")
-    ppl = {k[4:]: v for k, v in first.items() if k.startswith("ppl_")}
+    ppl = {k[4:]: v for k, v in first.items() if k.startswith("ppl_") and k != "ppl_finetuned"}
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items())
           + "; after fine-tuning: " + ", ".join(f"{b} {steps[f'evaluate.{b}']['ppl_finetuned']:.1f}" for b in BRANCHES))
     print(f"pretraining: {pretrain.get('train_seconds', float('nan')):.0f} s, {pretrain.get('num_parameters', 0):,} "
@@ -136,9 +155,12 @@ def main() -> None:
     parser.add_argument("--root", default="lmforge_runs")
     parser.add_argument("--tasks", nargs="+", default=["cr", "trec"], choices=["cr", "trec"])
     parser.add_argument("--reference", action="store_true", help="also run the bare Hugging Face loop")
+    parser.add_argument("--adaptive", type=float, default=0.0, metavar="WEIGHT",
+                        help="task-adaptive pretraining: add the tasks' train texts to the corpus at this mixing weight")
     args, extra = parser.parse_known_args()
     root = Path(args.root).resolve()
     tasks = prepare(root / "benchmarks" / "quality_data")
+    extra = corpus_overrides(tasks, root / "benchmarks" / "quality_data", args.adaptive) + extra
     results = {task: run_task(root, task, tasks[task], extra) for task in args.tasks}
     for task, steps in results.items():
         print_task(task, steps)

@@ -23,10 +23,24 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+class MeanPooled(torch.nn.Module):
+    """The sequence classifier's body and head, the head applied to the mean hidden state over the tokens."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.body, self.head = classifier.model, classifier.score
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return type("Output", (), {"logits": self.head((hidden * mask).sum(1) / mask.sum(1))})
+
+
 def reference_loop(model_dir: Path, train: list[dict], test: list[dict], lr: float = 5e-4, epochs: int = 3,
                    batch_size: int = 32, max_tokens: int = 64, init: str = "pretrained", seed: int = 0,
-                   threads: int = 2) -> list[float]:
-    """Test accuracy after each epoch."""
+                   threads: int = 2, pooling: str = "last") -> list[float]:
+    """Test accuracy after each epoch. pooling='mean': a linear head on the mean of the last hidden
+    states over the tokens, instead of the last token's (LlamaForSequenceClassification's)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -40,6 +54,8 @@ def reference_loop(model_dir: Path, train: list[dict], test: list[dict], lr: flo
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **head)
     model = model.float()
+    if pooling == "mean":
+        model = MeanPooled(model)
 
     def batch(records: list[dict]) -> dict:
         encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_tokens, padding=True,
@@ -85,11 +101,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pooling", choices=["last", "mean"], default="last")
     args = parser.parse_args()
     started = time.monotonic()
     accuracies = reference_loop(args.model_dir, read_jsonl(args.train), read_jsonl(args.test), args.lr, args.epochs,
-                                args.batch_size, args.max_tokens, args.init, args.seed)
-    print(json.dumps({"init": args.init, "lr": args.lr, "accuracy_per_epoch": [round(a, 4) for a in accuracies],
+                                args.batch_size, args.max_tokens, args.init, args.seed, pooling=args.pooling)
+    print(json.dumps({"init": args.init, "pooling": args.pooling, "lr": args.lr, "accuracy_per_epoch": [round(a, 4) for a in accuracies],
                       "seconds": round(time.monotonic() - started, 1)}))
 
 

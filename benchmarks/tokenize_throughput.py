@@ -77,7 +77,7 @@ def measure(tokenizer, texts: list[str], cfg: TokenizerConfig, work: Path, cpus:
             result = reference(work, work / "tokenizer.json", texts, cpus, 1)
             raw = max(raw, result, key=lambda r: r["tokens_per_s"])
             start = time.perf_counter()
-            _, num_tokens = tokenize.encode_and_pack(tokenizer, texts, is_val, cfg, work, ctx)
+            _, num_tokens, _ = tokenize.encode_and_pack(tokenizer, texts, is_val, cfg, work, ctx)
             ours = max(ours, {"tokens": num_tokens, "tokens_per_s": num_tokens / (time.perf_counter() - start)},
                        key=lambda r: r["tokens_per_s"])
     finally:

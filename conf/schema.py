@@ -7,6 +7,7 @@ not *what* it computes; they are left out of step fingerprints.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -398,7 +399,11 @@ class TaskConfig:
     test_path: Optional[str] = None
     """Test records (same formats); None: a seeded split of train_path."""
     fields: dict[str, str] = field(default_factory=dict)
-    """Column of each task field where the files name it differently, e.g. {text: sentence, label: category}."""
+    """Column of each task field where the files name it differently, e.g. {text: sentence, label: category};
+    with header=false, the column's position from 0, e.g. {text: '1', label: '0'}."""
+    header: bool = True
+    """CSV/TSV task files: the first row names the columns. false: every row is a record and the columns
+    are taken by position, by default in the kind's field order (text, label / prompt, completion)."""
     test_fraction: float = 0.2
     """Share held out for testing when test_path is None."""
     val_fraction: float = 0.1
@@ -556,6 +561,61 @@ def local_dir(root: str, cache: str = "") -> str:
     """Where Hydra keeps its run logs: paths.root, or the local working copy when paths.root is a URI
     (Hydra starts first and must not create the URI as a local path)."""
     return cache_dir(cache) if "://" in str(root) else root
+
+
+def known_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares under `cls` (the sections themselves included)."""
+    import typing
+
+    keys = []
+    for name, kind in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(kind):
+            keys += known_keys(kind, f"{prefix}{name}.")
+    return keys
+
+
+def unknown_keys(values: dict, cls: type = None, prefix: str = "") -> list[str]:
+    """The dotted keys of a composed config that `cls` (default: Config) does not declare. Hydra's struct
+    mode stops a misspelt key, but one added with `+` (the fix Hydra itself suggests) passes it and would
+    be silently dropped when the dataclasses are built."""
+    import typing
+
+    hints = typing.get_type_hints(cls or Config)
+    found = []
+    for name, value in values.items():
+        if name not in hints:
+            found.append(prefix + name)
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            found += unknown_keys(value, kind, f"{prefix}{name}.")
+        elif typing.get_origin(kind) is dict and isinstance(value, dict):
+            item = typing.get_args(kind)[1]
+            if dataclasses.is_dataclass(item):  # finetunes.<branch>
+                found += [k for branch, v in value.items() if isinstance(v, dict)
+                          for k in unknown_keys(v, item, f"{prefix}{name}.{branch}.")]
+    return found
+
+
+def closest_key(key: str) -> str | None:
+    """The declared key a misspelt or misplaced one most likely meant: one with the same last part
+    (data.max_doc_chars -> data.filters.max_doc_chars), else the most similar spelling."""
+    import difflib
+
+    known = known_keys(Config)
+    if key.startswith("finetunes."):  # finetunes.<branch>.<key> is checked as finetune.<key>
+        branch = key.split(".")[1]
+        return (lambda found: found and found.replace("finetune.", f"finetunes.{branch}.", 1))(
+            closest_key("finetune." + key.split(".", 2)[2]) if key.count(".") >= 2 else None)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return min(same_leaf, key=lambda k: -difflib.SequenceMatcher(None, k, key).ratio())
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    candidates = [k for k in known if k.startswith(section) and k.count(".") == key.count(".")] or known
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def register_configs() -> None:

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
 from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
 from pipelines.redaction import redact, redact_text
-from pipelines.validate import validate
+from pipelines.validate import check_composed, validate
 from tasks import baselines
 from tasks.common import UserError, write_json
 
@@ -278,6 +279,7 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     try:
+        check_composed(dict_cfg, HydraConfig.get().runtime.choices)
         cfg: Config = OmegaConf.to_object(dict_cfg)
         resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
         run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)))

@@ -41,9 +41,18 @@ def compose(overrides: list[str]) -> Config:
 
     from conf.schema import register_configs
 
+    from omegaconf import open_dict
+
+    from pipelines.validate import check_composed
+
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides))
+        composed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    choices = dict(composed.hydra.runtime.choices)
+    with open_dict(composed):
+        del composed["hydra"]
+    check_composed(composed, choices)
+    return OmegaConf.to_object(composed)
 
 
 def check_submittable(cfg: Config) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig, closest_key, unknown_keys
 from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
 from tasks.tokenize import special_tokens
@@ -249,3 +251,46 @@ def validate_eval(cfg: Config) -> None:
         check(len(set(members)) == len(members) >= 2, f"eval.ensemble: needs two or more different branches, got {members}")
         missing = [m for m in members if m not in cfg.finetunes]
         check(not missing, f"eval.ensemble: {missing} are not branches of finetunes ({', '.join(cfg.finetunes) or 'none'})")
+
+
+def check_composed(dict_cfg, choices: dict) -> None:
+    """Checks of the composed config before it becomes dataclasses (which would drop what they do not
+    declare): unknown keys, and a method switched without its defaults. `choices`: Hydra's group choices."""
+    check_known_keys(dict_cfg)
+    check_method_defaults(dict_cfg, choices)
+
+
+def check_known_keys(dict_cfg: DictConfig) -> None:
+    """Stop on a key the schema does not declare (added with `+`, or in a config file), naming the closest real one."""
+    unknown = unknown_keys(OmegaConf.to_container(dict_cfg, resolve=False))
+    if unknown:
+        key = unknown[0]
+        suggestion = closest_key(key)
+        hint = f"did you mean {suggestion}?" if suggestion else "see conf/schema.py for the settings"
+        more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise UserError(f"{key}: not a setting lmforge knows, {hint}{more}")
+
+
+def check_method_defaults(dict_cfg: DictConfig, choices: dict) -> None:
+    """Stop when a fine-tuning section's method was switched (finetune.method=full) while its learning
+    rate is still the one of the method file it was composed from (conf/finetune/lora.yaml's 0.003 is six
+    times full fine-tuning's): `finetune=full` brings that method's defaults, or set the lr too."""
+    conf_dir = Path(__file__).resolve().parent.parent / "conf" / "finetune"
+    for group, option in choices.items():
+        if not (group == "finetune" or group.startswith("finetune@")) or not option:
+            continue
+        key = group.split("@", 1)[1] if "@" in group else "finetune"
+        section = OmegaConf.select(dict_cfg, key)
+        defaults_file = conf_dir / f"{option}.yaml"
+        if section is None or not defaults_file.is_file():
+            continue
+        defaults = OmegaConf.load(defaults_file)
+        method_file = conf_dir / f"{section.method}.yaml"
+        if section.method == defaults.get("method") or not method_file.is_file():
+            continue
+        method_lr = OmegaConf.load(method_file).get("lr")
+        if section.lr == defaults.get("lr") and section.lr != method_lr:
+            choose = f"{group.split('@')[0]}@{key}={section.method}" if "@" in group else f"finetune={section.method}"
+            raise UserError(f"{key}.method={section.method}: its lr {section.lr} comes from conf/finetune/{option}.yaml "
+                            f"({option}'s default; {section.method}'s is {method_lr}); write {choose} to take "
+                            f"{section.method}'s defaults, or set {key}.lr as well")

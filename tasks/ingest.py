@@ -169,17 +169,20 @@ def is_text_file(source: Source) -> bool:
 
 
 def paragraph_chunks(text: str, chunk_chars: int) -> list[str]:
-    """Whole paragraphs grouped up to chunk_chars; a longer paragraph is a chunk of its own. An empty
-    text stays one (empty) document, so it is counted as dropped."""
-    chunks, current = [], []
-    size = 0
+    """Whole paragraphs grouped up to chunk_chars. A longer paragraph is cut at its line breaks (a file of
+    one sentence a line, no blank lines), and a line longer than chunk_chars is a chunk of its own. An
+    empty text stays one (empty) document, so it is counted as dropped."""
+    chunks, current = [], ""
     for paragraph in text.split("\n\n"):
-        if current and size + len(paragraph) > chunk_chars:
-            chunks.append("\n\n".join(current))
-            current, size = [], 0
-        current.append(paragraph)
-        size += len(paragraph) + 2
-    return chunks + ["\n\n".join(current)]
+        pieces = [(paragraph, "\n\n")] if len(paragraph) <= chunk_chars else \
+            [(line, "\n\n" if i == 0 else "\n") for i, line in enumerate(paragraph.split("\n"))]
+        for piece, separator in pieces:
+            if current and len(current) + len(separator) + len(piece) > chunk_chars:
+                chunks.append(current)
+                current = piece
+            else:
+                current = current + separator + piece if current else piece
+    return chunks + [current]
 
 
 def example(reason: str, source_id: str, text: str, **extra) -> dict:

@@ -26,8 +26,9 @@ SPLITS = ("train", "val", "test")
 SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 
 
-def read_rows(path: str, key: str) -> list[tuple[str, object]]:
-    """(location, row) pairs of a JSONL, CSV/TSV or Parquet file, local or behind a URI."""
+def read_rows(path: str, key: str, header: bool = True) -> list[tuple[str, object]]:
+    """(location, row) pairs of a JSONL, CSV/TSV or Parquet file, local or behind a URI. A CSV/TSV file
+    without a header row (header=False) gives rows keyed by column position: '0', '1', ..."""
     import csv
     import io
 
@@ -48,11 +49,28 @@ def read_rows(path: str, key: str) -> list[tuple[str, object]]:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise UserError(f"{key}: cannot read '{path}': {str(error).splitlines()[0]}") from None
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        delimiter = "\t" if suffix == ".tsv" else ","
+        if not header:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+            return [(f"line {reader.line_num}", {str(i): cell for i, cell in enumerate(row)}) for row in reader if row]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         return [(f"line {reader.line_num}", row) for row in reader]
     if suffix not in (".jsonl", ".json"):
         raise UserError(f"{key}: '{path}' is not .jsonl, .csv, .tsv or .parquet")
     return [(f"line {lineno}", row) for lineno, row in iter_jsonl(path, io.BytesIO(text.encode("utf-8")))]
+
+
+def found_columns(row, tabular: bool, cfg: TaskConfig) -> str:
+    """What a record that lacks a field holds instead, and for CSV/TSV how the header was read."""
+    if not isinstance(row, dict):
+        return f"; the record is a {type(row).__name__}, not an object"
+    names = ", ".join(repr(str(c) if len(str(c)) <= 40 else str(c)[:37] + "...") for c in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+    if not tabular:
+        return f"; its fields: {names}"
+    if cfg.header:
+        return (f"; the header row gave the columns {names}: map them with task.fields, or for a file "
+                "without a header row set task.header=false")
+    return f"; {len(row)} columns, named by position ({names}): map them with task.fields, e.g. {{text: '1', label: '0'}}"
 
 
 def check_messages(value, where: str) -> list[dict]:
@@ -79,14 +97,15 @@ def load_records(path: str, cfg: TaskConfig, key: str) -> list[dict]:
     if cfg.kind not in FIELDS:
         raise UserError(f"task.kind: unknown kind '{cfg.kind}' (known: {', '.join(FIELDS)})")
     records = []
-    for location, row in read_rows(path, key):
+    tabular = Path(path).suffix.lower() in (".csv", ".tsv")
+    for location, row in read_rows(path, key, header=cfg.header or not tabular):
         where = f"{path}:{location.split()[-1]}" if location.startswith("line") else f"{path}: {location}"
         record = {}
-        for name in FIELDS[cfg.kind]:
-            column = cfg.fields.get(name, name)
+        for position, name in enumerate(FIELDS[cfg.kind]):
+            column = cfg.fields.get(name, name if cfg.header or not tabular else str(position))
             mapped = f" (column '{column}')" if column != name else ""
             if not isinstance(row, dict) or column not in row or row[column] is None:
-                raise UserError(f"{where}: missing field '{name}'{mapped} (task.kind={cfg.kind})")
+                raise UserError(f"{where}: missing field '{name}'{mapped} (task.kind={cfg.kind}){found_columns(row, tabular, cfg)}")
             value = row[column]
             if name == "messages":
                 value = check_messages(value, where)

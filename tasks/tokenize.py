@@ -30,6 +30,9 @@ from tasks.common import Progress, TaskContext, UserError, hash_fraction, write_
 from tasks.ingest import read_shards
 
 SPLIT_SEED = 0
+FEW_DOCUMENTS = 20
+"""Below this many documents, a split by whole documents that leaves one side without a full row is
+made by packed rows instead (split_rows); above it, that means tokenizer.val_fraction is too small."""
 TASKS_PER_CPU = 4  # several tasks per CPU even out documents of very different sizes
 # Settings of a trained tokenizer that a reused one (tokenizer.path) ignores
 TRAINING_FIELDS = ("vocab_size", "min_frequency", "train_sample_bytes", "additional_special_tokens", "chat_template")
@@ -71,10 +74,12 @@ def wrap_trained(tokenizer: Tokenizer, cfg: TokenizerConfig):
 
 
 def train_on_sample(texts: list[str], is_val: list[bool], cfg: TokenizerConfig, ctx: TaskContext):
-    """Train on the first train_sample_bytes of the training split's documents."""
+    """Train on the first train_sample_bytes of the training split's documents (of all documents when
+    every one fell in the validation split: the split is then made by rows, split_rows)."""
     sample, sample_bytes = [], 0
+    use_all = all(is_val)
     for text, val in zip(texts, is_val):
-        if not val and sample_bytes < cfg.train_sample_bytes:
+        if (use_all or not val) and sample_bytes < cfg.train_sample_bytes:
             sample.append(text)
             sample_bytes += len(text)
     ctx.say(f"training BPE (vocab {cfg.vocab_size}) on {sample_bytes / 1e6:.1f} MB of {len(texts)} documents")
@@ -155,9 +160,10 @@ def batch_bounds(lengths: list[int], num_batches: int, max_docs: int) -> list[tu
 
 
 def encode_and_pack(tokenizer: Tokenizer, texts: list[str], is_val: list[bool], cfg: TokenizerConfig,
-                    out_dir: Path, ctx: TaskContext) -> tuple[dict[str, np.ndarray], int]:
-    """Encode in parallel tasks, pack and write train.bin / val.bin: the packed splits, and the number of
-    tokens encoded (EOS included, before the incomplete last rows are cut)."""
+                    out_dir: Path, ctx: TaskContext) -> tuple[dict[str, np.ndarray], int, str]:
+    """Encode in parallel tasks, pack and write train.bin / val.bin: the packed splits, the number of
+    tokens encoded (EOS included, before the incomplete last rows are cut), and how the validation
+    split was made: 'documents' (whole documents by hash) or 'rows' (split_rows)."""
     tokenizer_json = tokenizer.to_str()
     bounds = batch_bounds([len(t) for t in texts], TASKS_PER_CPU * max(ctx.num_cpus, 1), cfg.docs_per_task)
     batches = [(texts[start:end], is_val[start:end]) for start, end in bounds]
@@ -167,17 +173,42 @@ def encode_and_pack(tokenizer: Tokenizer, texts: list[str], is_val: list[bool], 
     encoded = ctx.parallel_map(lambda batch: encode_docs(tokenizer_json, *batch, eos_id), batches,
                                on_result=lambda _, done: progress.update(1, tokens=len(done[0]) + len(done[1])))
     dtype = token_dtype(vocab_size(tokenizer))
-    splits = {}
-    for index, split in enumerate(["train", "val"]):
-        rows = pack(np.concatenate([e[index] for e in encoded]), cfg.seq_len, dtype)
+    splits = {split: pack(np.concatenate([e[index] for e in encoded]), cfg.seq_len, dtype)
+              for index, split in enumerate(["train", "val"])}
+    split_by = "documents"
+    if min(len(rows) for rows in splits.values()) == 0 and len(texts) < FEW_DOCUMENTS:
+        split_by = "rows"
+        splits = split_rows(np.concatenate([e[i] for e in encoded for i in (0, 1)]), cfg, dtype, len(texts), ctx)
+    for split, rows in splits.items():
         if len(rows) == 0:
-            hint = ("raise tokenizer.val_fraction; the split takes whole documents, so with one or a few big "
-                    "text files cut them into paragraphs with data.text_chunk_chars") if split == "val" else \
+            hint = ("raise tokenizer.val_fraction, or cut big text files into more documents with "
+                    "data.text_chunk_chars") if split == "val" else \
                    "add corpus (data.paths, data.max_bytes) or lower tokenizer.seq_len"
             raise UserError(f"tokenizer.seq_len: the {split} split has fewer than {cfg.seq_len} tokens ({hint})")
+    for split, rows in splits.items():
         rows.tofile(out_dir / f"{split}.bin")
-        splits[split] = rows
-    return splits, sum(len(e[0]) + len(e[1]) for e in encoded)
+    return splits, sum(len(e[0]) + len(e[1]) for e in encoded), split_by
+
+
+def split_rows(stream: np.ndarray, cfg: TokenizerConfig, dtype, num_docs: int,
+               ctx: TaskContext) -> dict[str, np.ndarray]:
+    """The fallback when whole documents leave a split without a full row (one book, a few files): the
+    corpus is packed as one stream and a seeded tokenizer.val_fraction share of its rows is held out
+    (at least one), so a one-file corpus has a validation split. The tokenizer was then trained on
+    the text of the validation rows too."""
+    rows = pack(stream, cfg.seq_len, dtype)
+    if len(rows) < 2:
+        raise UserError(f"tokenizer.seq_len: the corpus makes {len(rows)} row(s) of {cfg.seq_len} tokens, too few "
+                        "for a train and a validation split (add corpus: data.paths, data.max_bytes; or lower "
+                        "tokenizer.seq_len)")
+    is_val = np.array([hash_fraction(f"row:{i}", SPLIT_SEED) < cfg.val_fraction for i in range(len(rows))])
+    if not is_val.any() or is_val.all():
+        is_val[:] = False
+        is_val[-1] = True
+    ctx.say(f"the {num_docs} document(s) are too few for a validation split by whole documents: held out "
+            f"{int(is_val.sum())} of {len(rows)} packed rows instead (tokenizer.val_fraction={cfg.val_fraction}; "
+            "data.text_chunk_chars cuts text files into documents)")
+    return {"train": rows[~is_val], "val": rows[is_val]}
 
 
 def read_corpus(inputs: dict, ctx: TaskContext) -> tuple[list[str], list[str], int]:
@@ -208,12 +239,13 @@ def run(cfg: TokenizerConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> 
     else:
         hf_tokenizer = train_on_sample(texts, is_val, cfg, ctx)
     save_tokenizer(hf_tokenizer, out_dir / "tokenizer")
-    splits, num_tokens = encode_and_pack(hf_tokenizer.backend_tokenizer, texts, is_val, cfg, out_dir, ctx)
+    splits, num_tokens, split_by = encode_and_pack(hf_tokenizer.backend_tokenizer, texts, is_val, cfg, out_dir, ctx)
     meta = {"dtype": splits["train"].dtype.name, "seq_len": cfg.seq_len, **tokenizer_meta(hf_tokenizer),
-            "train_rows": len(splits["train"]), "val_rows": len(splits["val"])}
+            "train_rows": len(splits["train"]), "val_rows": len(splits["val"]), "val_split": split_by}
     write_json(out_dir / "meta.json", meta)
     metrics = {"vocab_size": meta["vocab_size"], "train_tokens": int(splits["train"].size),
-               "val_tokens": int(splits["val"].size), "train_docs": is_val.count(False), "val_docs": is_val.count(True)}
+               "val_tokens": int(splits["val"].size), "train_docs": is_val.count(False), "val_docs": is_val.count(True),
+               "val_split_by_rows": int(split_by == "rows")}
     if "decontaminate" in inputs:
         metrics["docs_removed_contaminated"] = num_removed
     metrics["chars_per_token"] = round(sum(map(len, texts)) / max(num_tokens, 1), 3)

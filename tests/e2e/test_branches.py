@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from tests.e2e.test_pipeline import mlflow_client, statuses
 
@@ -68,7 +70,7 @@ def techniques_were_applied(steps: dict) -> None:
 def test_multirun_sweep_runs_upstream_steps_once(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.run", "-m", "+experiment=tiny", f"paths.root={tmp_path}", "ray.num_cpus=2",
-         "finetune.lora.r=2,4"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+         "finetune.seed=0,1"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*.json"))]
     assert len(summaries) == 2
@@ -80,5 +82,16 @@ def test_multirun_sweep_runs_upstream_steps_once(tmp_path):
                    "evaluate": 2}
     runs = {s["run_id"] for s in summaries}
     assert len(runs) == 2  # one MLflow parent run per sweep value
-    params = [mlflow_client(tmp_path).get_run(r).data.params["finetune.lora.r"] for r in runs]
-    assert sorted(params) == ["2", "4"]
+    params = [mlflow_client(tmp_path).get_run(r).data.params["finetune.seed"] for r in runs]
+    assert sorted(params) == ["0", "1"]
+    # the seed sweep's mean and spread, and what the runs differ in
+    report = subprocess.run([sys.executable, "-m", "pipelines.aggregate", "--root", str(tmp_path), "--last", "2",
+                             "--json", str(tmp_path / "aggregate.json")], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "they differ in: finetune.seed = 0, 1" in report.stdout
+    accuracies = [next(s for s in summary["steps"] if s["name"] == "evaluate")["metrics"]["finetuned_accuracy"]
+                  for summary in summaries]
+    aggregated = json.loads((tmp_path / "aggregate.json").read_text())["metrics"]["evaluate"]["finetuned_accuracy"]
+    assert aggregated["n"] == 2 and aggregated["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert (aggregated["min"], aggregated["max"]) == (min(accuracies), max(accuracies))

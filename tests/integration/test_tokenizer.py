@@ -155,7 +155,23 @@ def test_ids_beyond_uint16_are_packed_as_uint32(tmp_path):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="a"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     assert tokenize.vocab_size(tokenizer) == 70_001
-    splits, _ = tokenize.encode_and_pack(tokenizer, ["a b b", "b a"], [False, True], TokenizerConfig(seq_len=2),
+    splits, _, _ = tokenize.encode_and_pack(tokenizer, ["a b b", "b a"], [False, True], TokenizerConfig(seq_len=2),
                                          tmp_path, TaskContext("tokenize"))
     assert splits["train"].dtype == np.uint32 and splits["train"].tolist() == [[1, 70_000], [70_000, 0]]
     assert splits["val"].tolist() == [[70_000, 1]]
+
+
+def test_one_document_is_split_by_packed_rows(tmp_path):
+    """A corpus of one document (a book not cut into paragraphs) still gets a validation split: a seeded
+    share of the packed rows, at least one, written as val.bin."""
+    tokenizer = Tokenizer(models.WordLevel({"<|eos|>": 0, "a": 1, "b": 2}, unk_token="a"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for is_val in ([False], [True]):  # the one document on either side of the split by documents
+        splits, _, split_by = tokenize.encode_and_pack(
+            tokenizer, ["a b " * 20], is_val, TokenizerConfig(seq_len=4, val_fraction=0.1), tmp_path, TaskContext("tokenize"))
+        assert split_by == "rows"
+        assert len(splits["val"]) >= 1 and len(splits["train"]) >= 1
+        assert len(splits["train"]) + len(splits["val"]) == 41 // 4
+        assert (tmp_path / "val.bin").stat().st_size == splits["val"].nbytes
+    with pytest.raises(UserError, match="^tokenizer.seq_len: the corpus makes 1 row"):
+        tokenize.encode_and_pack(tokenizer, ["a b"], [False], TokenizerConfig(seq_len=3), tmp_path, TaskContext("tokenize"))

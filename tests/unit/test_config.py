@@ -1,6 +1,7 @@
 """Every YAML in conf/ composes against its schema; bad keys, types and combinations fail early."""
 from __future__ import annotations
 
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -98,3 +99,29 @@ def test_optimizer_offload_needs_zero():
     cfg = compose_config(["+experiment=tiny", "pretrain.offload_optimizer=true", "pretrain.zero_stage=0"])
     with pytest.raises(UserError, match="^pretrain.offload_optimizer: needs pretrain.zero_stage 1, 2 or 3"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+data.max_doc_chars=5", "data.max_doc_chars: not a setting lmforge knows, did you mean data.filters.max_doc_chars?"),
+    ("+finetune.lora.rank=4", "finetune.lora.rank: not a setting lmforge knows, did you mean finetune.lora.r?"),
+    ("+task.label_field=label", "task.label_field: not a setting lmforge knows, did you mean task.fields?"),
+    ("+zzz=1", "zzz: not a setting lmforge knows, see conf/schema.py"),
+    ("finetune.method=full", "finetune.method=full: its lr 0.003 comes from conf/finetune/lora.yaml (lora's default; "
+                             "full's is 0.0005); write finetune=full"),
+])
+def test_keys_added_with_plus_and_switched_methods_stop_at_start(override, message):
+    """Hydra lets `+` add any key, and building the dataclasses would drop it without a word."""
+    from pipelines import submit
+
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        submit.compose(["+experiment=tiny", override])
+
+
+def test_a_switched_method_with_its_own_lr_or_file_passes():
+    from pipelines import submit
+
+    assert submit.compose(["+experiment=tiny", "finetune.method=full", "finetune.lr=0.001"]).finetune.lr == 0.001
+    assert submit.compose(["+experiment=tiny", "finetune=full"]).finetune.lr == 0.0005
+    assert submit.compose(["+experiment=tiny_compare"]).finetunes  # branches composed from their method files
+    with pytest.raises(UserError, match=r"^finetunes.lora.lrr: .*did you mean finetunes.lora.lr\?"):
+        submit.compose(["+experiment=tiny_compare", "+finetunes.lora.lrr=1"])

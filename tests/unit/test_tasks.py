@@ -110,6 +110,22 @@ def test_load_records_reports_file_and_line(tmp_path):
         taskdata.load_records(str(tmp_path / "missing.csv"), gen, "task.val_path")
 
 
+def test_headerless_csv_tsv_take_columns_by_position(tmp_path):
+    (tmp_path / "h.tsv").write_text("good film\tpos\nbad film\tneg\n")
+    (tmp_path / "h.csv").write_text("pos,good film\nneg,bad film\n")
+    by_order = TaskConfig(header=False)
+    assert taskdata.load_records(str(tmp_path / "h.tsv"), by_order, "k") == [
+        {"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
+    mapped = TaskConfig(header=False, fields={"text": "1", "label": "0"})
+    assert taskdata.load_records(str(tmp_path / "h.csv"), mapped, "k")[1] == {"text": "bad film", "label": "neg"}
+    # read with a header, the first row's values become column names: the error says so and what to set
+    with pytest.raises(UserError, match=r"h.tsv:2: missing field 'text' .*the header row gave the columns "
+                                        r"'good film', 'pos'.*task.header=false"):
+        taskdata.load_records(str(tmp_path / "h.tsv"), TaskConfig(), "k")
+    with pytest.raises(UserError, match=r"missing field 'text' \(column '5'\).*2 columns, named by position \('0', '1'\)"):
+        taskdata.load_records(str(tmp_path / "h.tsv"), TaskConfig(header=False, fields={"text": "5"}), "k")
+
+
 def test_csv_tsv_parquet_and_uri_with_a_field_mapping(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -221,8 +237,13 @@ def test_one_big_text_file_becomes_paragraph_documents():
     assert ingest.split_documents([("book.txt", book)], text_part, 0) == [("book.txt", ingest.normalize(book))]
     records = Part(Source("file", "rows.jsonl", 0), 0)
     assert len(ingest.split_documents([("rows.jsonl:1", book)], records, 500)) == 1
-    # a paragraph longer than the limit stays whole
+    # a line longer than the limit stays whole
     assert ingest.paragraph_chunks("x" * 900 + "\n\nshort", 500) == ["x" * 900, "short"]
+    # a file of one sentence a line (no blank lines) is cut at its line breaks
+    lines = "\n".join(f"sentence {i:03d} of a review file" for i in range(100))
+    chunks = ingest.paragraph_chunks(lines, 300)
+    assert len(chunks) > 5 and all(len(c) <= 300 for c in chunks)
+    assert "\n".join(chunks) == lines
 
 
 def test_class_examples_are_left_padded_with_one_label_each():
