@@ -401,6 +401,9 @@ class TaskConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Column of each task field where the files name it differently, e.g. {text: sentence, label: category};
     with header=false, the column's position from 0, e.g. {text: '1', label: '0'}."""
+    allow_unseen_labels: bool = False
+    """Classification: go on when val/test records carry labels the training split never has (they can
+    only be scored as errors). Default: stop at start, naming them."""
     header: bool = True
     """CSV/TSV task files: the first row names the columns. false: every row is a record and the columns
     are taken by position, by default in the kind's field order (text, label / prompt, completion)."""
@@ -559,8 +562,20 @@ def cache_dir(configured: str) -> str:
 
 def local_dir(root: str, cache: str = "") -> str:
     """Where Hydra keeps its run logs: paths.root, or the local working copy when paths.root is a URI
-    (Hydra starts first and must not create the URI as a local path)."""
-    return cache_dir(cache) if "://" in str(root) else root
+    (Hydra starts first and must not create the URI as a local path). A root that cannot be a folder
+    (a file, or under one, or not writable) sends Hydra's folder to the temp directory, so that Hydra
+    starts and lmforge's own check names paths.root in one line."""
+    if "://" in str(root):
+        return cache_dir(cache)
+    return root if usable_folder(root) else os.path.join(tempfile.gettempdir(), "lmforge-hydra")
+
+
+def usable_folder(path: str) -> bool:
+    """Whether `path` is, or can be created as, a writable folder."""
+    candidate = os.path.abspath(path)
+    while not os.path.exists(candidate):
+        candidate = os.path.dirname(candidate)
+    return os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK)
 
 
 def known_keys(cls: type, prefix: str = "") -> list[str]:
@@ -609,6 +624,10 @@ def closest_key(key: str) -> str | None:
         return (lambda found: found and found.replace("finetune.", f"finetunes.{branch}.", 1))(
             closest_key("finetune." + key.split(".", 2)[2]) if key.count(".") >= 2 else None)
     leaf = key.rsplit(".", 1)[-1]
+    if key.startswith("task.") and ("column" in leaf or "field" in leaf):
+        return "task.fields"  # task.label_field, task.text_column: the columns are mapped there
+    if key.startswith("data.") and ("column" in leaf or "field" in leaf):
+        return "data.text_field"
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     if same_leaf:
         return min(same_leaf, key=lambda k: -difflib.SequenceMatcher(None, k, key).ratio())

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, register_configs
 from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
-from pipelines.redaction import redact, redact_text
+from pipelines.redaction import redact, redact_override, redact_text
 from pipelines.validate import check_composed, validate
 from tasks import baselines
 from tasks.common import UserError, write_json
@@ -249,6 +249,18 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         executor.stop_ray()
 
 
+def write_run_record(dict_cfg: DictConfig) -> None:
+    """The composed config and the command-line overrides in Hydra's run folder (.hydra/), secrets masked:
+    Hydra's own copies (switched off by hydra.output_subdir=null) would hold them in clear."""
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = redact(OmegaConf.to_container(dict_cfg, resolve=False))
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    overrides = [redact_override(o) for o in hydra_cfg.overrides.task]
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
 def root_error(exc: BaseException) -> BaseException:
     """The original error behind Ray's wrappers (a task's error, a Train worker group's failures)."""
     while True:
@@ -280,6 +292,7 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
 def main(dict_cfg: DictConfig) -> None:
     try:
         check_composed(dict_cfg, HydraConfig.get().runtime.choices)
+        write_run_record(dict_cfg)
         cfg: Config = OmegaConf.to_object(dict_cfg)
         resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
         run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)))

@@ -15,6 +15,7 @@ journal (pipelines/journal.py), which is replayed at the end if the server is ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -61,12 +62,28 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: json.dumps(tree) if isinstance(tree, (list, tuple)) else str(tree)}
 
 
+def health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health: credentials in the URI (user:password@host) go into a basic Authorization
+    header, as MLflow's client sends them, never into the host name (which would send them to DNS)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else (parts.hostname or "")
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    request = urllib.request.Request(urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")))
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    return request
+
+
 def unreachable(uri: str) -> str | None:
     """Why an HTTP tracking server does not answer (None when it does, or for a local store)."""
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
+        urllib.request.urlopen(health_request(uri), timeout=PROBE_SECONDS).close()
     except urllib.error.HTTPError:
         return None  # it answered (a proxy or an authenticating server may refuse /health)
     except (OSError, ValueError) as error:
@@ -82,6 +99,26 @@ def is_unavailable(error: BaseException) -> bool:
     if isinstance(error, MlflowException):
         return error.error_code in UNAVAILABLE_CODES
     return isinstance(error, (OSError, RequestException))
+
+
+@contextlib.contextmanager
+def sqlite_creation_lock(uri: str):
+    """Hold an exclusive lock beside a SQLite tracking store while it is opened (and, the first time,
+    created and migrated by MLflow): concurrent first launches on a fresh root otherwise race in
+    alembic ('Online migration expected to match one row'). Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".init-lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _client(uri: str):
@@ -240,11 +277,12 @@ class Tracker:
             raise UserError(f"tracking.uri: the MLflow server {redact_text(uri)} cannot be reached ({reason}); start "
                             f"it, correct tracking.uri, or set tracking.on_unreachable=journal to record the run "
                             f"locally and replay it later")
-        self.client = None if reason else _client(uri)
-        if reason:
-            self._lose(reason)
         location = (root.resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        self.experiment_id = self._do("experiment", name=experiment, id=pending_id(), location=location)
+        with sqlite_creation_lock(uri):  # two first launches would both create and migrate the store
+            self.client = None if reason else _client(uri)
+            if reason:
+                self._lose(reason)
+            self.experiment_id = self._do("experiment", name=experiment, id=pending_id(), location=location)
         self.parent_id: str | None = None
 
     def _lose(self, reason: str) -> None:

@@ -5,11 +5,12 @@ Each failure is one UserError whose message starts with the config key at fault.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig, closest_key, unknown_keys
+from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig, closest_key, unknown_keys, usable_folder
 from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
 from tasks.tokenize import special_tokens
@@ -90,6 +91,9 @@ def check_bounds(tree, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     check_bounds(cfg)
+    check("://" in cfg.paths.root or usable_folder(cfg.paths.root),
+          f"paths.root: '{cfg.paths.root}' cannot be a folder lmforge writes to (it, or a part of its path, is a "
+          "file, or the folder is not writable); give another paths.root")
     check("://" not in cfg.paths.root or cfg.paths.store in ("", cfg.paths.root),
           f"paths.store: with a URI paths.root ({cfg.paths.root}) the root is the store; leave paths.store empty")
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,
@@ -214,11 +218,11 @@ def validate_task(cfg: Config) -> None:
           f"task.{named[0] if named else 'train_path'}: your task file is named while the built-in task "
           f"'{task.builtin}' is active and would ignore it; add 'override /task: jsonl' to the experiment's "
           f"defaults (or task=jsonl on the command line)")
-    if task.builtin is None:  # read the user's files now: a bad record stops the run before any training
+    if task.builtin is None:  # read and split the user's files now: bad data stops the run before any work
         check(bool(task.train_path), "task.train_path: required when task.builtin is not set")
-        for key in ("train_path", "val_path", "test_path"):
-            if getattr(task, key):
-                taskdata.load_records(getattr(task, key), task, f"task.{key}")
+        _, warnings = taskdata.data_report(taskdata.prepare(task), task.kind)
+        for warning in warnings:
+            print(f"warning: task: {warning}", file=sys.stderr, flush=True)
     else:
         check(task.builtin in ("stdlib_packages",), f"task.builtin: unknown data set '{task.builtin}' (known: stdlib_packages)")
         check(task.kind == "classification", "task.kind: the 'stdlib_packages' data set is a classification task")

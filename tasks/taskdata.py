@@ -68,9 +68,10 @@ def found_columns(row, tabular: bool, cfg: TaskConfig) -> str:
     if not tabular:
         return f"; its fields: {names}"
     if cfg.header:
-        return (f"; the header row gave the columns {names}: map them with task.fields, or for a file "
-                "without a header row set task.header=false")
-    return f"; {len(row)} columns, named by position ({names}): map them with task.fields, e.g. {{text: '1', label: '0'}}"
+        mapping = ", ".join(f"{name}: COLUMN" for name in FIELDS[cfg.kind])
+        return (f"; the header row gave the columns {names}: map them with task.fields (on the command line "
+                f"+task.fields={{{mapping}}}), or for a file without a header row set task.header=false")
+    return f"; {len(row)} columns, named by position ({names}): map them with task.fields, e.g. +task.fields={{text: '1', label: '0'}}"
 
 
 def check_messages(value, where: str) -> list[dict]:
@@ -111,6 +112,8 @@ def load_records(path: str, cfg: TaskConfig, key: str) -> list[dict]:
                 value = check_messages(value, where)
             elif name == "label" and isinstance(value, int) and not isinstance(value, bool):
                 value = str(value)
+            elif name == "label" and isinstance(value, str) and value.strip():
+                value = " ".join(value.split())  # 'pos ' and 'pos' are one class
             elif not isinstance(value, str) or not value.strip():
                 raise UserError(f"{where}: field '{name}'{mapped} must be a non-empty string")
             record[name] = value
@@ -182,7 +185,38 @@ def prepare(cfg: TaskConfig) -> dict[str, list[dict]]:
     for name, part in (("train", train), ("val", val), ("test", test)):
         if not part:
             raise UserError(f"task: the {name} split is empty ({len(records)} records; check task.*_fraction)")
-    return {"train": shuffled(train, cfg.seed), "val": shuffled(val, cfg.seed), "test": shuffled(test, cfg.seed)}
+    splits = {"train": shuffled(train, cfg.seed), "val": shuffled(val, cfg.seed), "test": shuffled(test, cfg.seed)}
+    if cfg.kind == "classification":
+        unseen = sorted({r["label"] for part in ("val", "test") for r in splits[part]} - {r["label"] for r in train})
+        if unseen and not cfg.allow_unseen_labels:
+            count = sum(r["label"] in unseen for part in ("val", "test") for r in splits[part])
+            raise UserError(f"{'task.test_path' if cfg.test_path else 'task.train_path'}: label(s) {', '.join(map(repr, unseen[:5]))} occur in {count} val/test "
+                            "record(s) but never in the training split, so no model can predict them; fix the files "
+                            "or set task.allow_unseen_labels=true to score them as errors")
+    return splits
+
+
+def data_report(splits: dict[str, list[dict]], kind: str) -> tuple[dict, list[str]]:
+    """What in the task data would silently mislead: test records that repeat training records (their
+    accuracy is memory, not generalisation) and labels that differ only in case ('Pos', 'pos').
+    Metrics (test_in_train, label_case_variants) and one warning line each."""
+    train_keys = {record_key({k: v for k, v in r.items() if k != "label"}) for r in splits["train"]}
+    repeated = [r for r in splits["test"] if record_key({k: v for k, v in r.items() if k != "label"}) in train_keys]
+    metrics, warnings = {"test_in_train": len(repeated)}, []
+    if repeated:
+        warnings.append(f"{len(repeated)} of {len(splits['test'])} test records repeat a training input "
+                        f"(e.g. {str(next(iter(repeated[0].values())))[:60]!r}); their scores measure memory")
+    if kind == "classification":
+        labels = sorted({r["label"] for part in splits.values() for r in part})
+        by_folded = collections.defaultdict(list)
+        for label in labels:
+            by_folded[label.casefold()].append(label)
+        variants = [group for group in by_folded.values() if len(group) > 1]
+        metrics["label_case_variants"] = len(variants)
+        if variants:
+            warnings.append("labels that differ only in case are separate classes: " +
+                            "; ".join(" / ".join(map(repr, group)) for group in variants[:5]))
+    return metrics, warnings
 
 
 def run(cfg: TaskConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
@@ -190,6 +224,10 @@ def run(cfg: TaskConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     for name, records in splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", records)
     metrics = {f"{name}_records": len(records) for name, records in splits.items()}
+    found, warnings = data_report(splits, cfg.kind)
+    metrics.update(found)
+    for warning in warnings:
+        ctx.say(f"warning: {warning}")
     if cfg.kind == "classification":
         counts = collections.Counter(r["label"] for r in splits["train"])
         write_json(out_dir / "labels.json", sorted(counts))

@@ -162,6 +162,19 @@ def test_an_unreachable_server_stops_the_run_at_once_naming_it(root, fault_table
                 "tracking.on_unreachable=journal, run recorded locally and replayed)", "-", "0")
 
 
+def test_secrets_in_the_tracking_uri_reach_no_file_and_no_output(tmp_path):
+    """A password in the URI and a token in its query string: not in what is printed, not in any file under
+    the root (Hydra's .hydra/ copies included), and the reachability probe does not resolve them as a host."""
+    uri = f"http://alice:PW-planted-1@127.0.0.1:{free_port()}/?access_token=TOKEN-planted-2"
+    output, _ = finish(launch(tmp_path, f"'{uri}'"), expect=2)
+    assert "cannot be reached" in output and "Connection refused" in output  # not a DNS failure on 'alice:PW...'
+    assert "http://alice:***@127.0.0.1" in output
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" and p.name == "overrides.yaml" for p in written)
+    for text in [output] + [p.read_text(errors="replace") for p in written]:
+        assert not re.search("planted", text), text[:2000]
+
+
 def test_journal_mode_records_the_run_locally_and_replays_it(first_run, root, server):
     dead = f"http://127.0.0.1:{free_port()}"
     output, summary = finish(launch(root, dead, "tracking.on_unreachable=journal"))

@@ -38,6 +38,8 @@ def write_own_data(folder):
     TEST_LINES[:] = test
     for name, split in (("train", train), ("test", test)):
         (folder / f"{name}.tsv").write_text("".join(f"{text}\t{label}\n" for text, label in split))
+    (folder / "three.tsv").write_text("".join(f"{text}\t{label}\n" for text, label in train[:3]))
+    (folder / "unseen.tsv").write_text("".join(f"{text}\t{label}\n" for text, label in test[:5]) + "a new kind\tother\n")
     conf = folder / "my_conf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text(f"""# @package _global_
@@ -140,9 +142,13 @@ def test_task_file_edited_in_place_reruns_what_reads_it(first_run, own):
     ("mine", ["finetune.method=full"], "finetune.method=full: its lr 0.003 comes from conf/finetune/lora.yaml .*write "
                                        "finetune=full"),
     ("mine", ["task.header=true"], "train.tsv:2: missing field 'text' .*the header row gave the columns .*task.header=false"),
+    ("mine", ["task.train_path={folder}/three.tsv", "task.test_path=null"], r"task: the (train|val|test) split is empty"),
+    ("mine", ["paths.root={folder}/book.txt/runs"], r"paths.root: '.*book.txt/runs' cannot be a folder lmforge writes to"),
+    ("mine", ["task.test_path={folder}/unseen.tsv"], r"task.test_path: label\(s\) 'other' occur in 1 val/test record"),
 ])
 def test_settings_that_would_be_ignored_stop_at_start(own, tmp_path, experiment, overrides, message):
     conf, _ = own
+    overrides = [o.format(folder=conf.parent) for o in overrides]
     proc = lmforge(conf, tmp_path / "runs", "dry_run=true", *overrides, experiment=experiment, expect=2)
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match("error: (\\S*/)?" + message, last), last

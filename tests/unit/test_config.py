@@ -61,6 +61,7 @@ def test_wrong_type_is_rejected():
     ("+task.fields.answer=category", "task.fields"),
     ("data.paths=[README.md]", "data.paths"),  # the default data=stdlib is still active: say which override
     ("task.train_path=README.md", "task.train_path"),  # the built-in task would ignore the file
+    ("paths.root=README.md", "paths.root"),  # a file: one line, not Hydra's NotADirectoryError
 ])
 def test_inconsistent_config_names_the_key(override, key):
     cfg = compose_config(["+experiment=tiny", override])

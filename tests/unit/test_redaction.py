@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipelines import tracking
-from pipelines.redaction import MASK, redact, redact_text
+from pipelines.redaction import MASK, redact, redact_override, redact_text
 
 
 def test_secret_keys_and_url_passwords_are_masked():
@@ -30,3 +30,40 @@ def test_mlflow_params_never_hold_the_secret(tmp_path):
     assert params["tracking.uri"] == f"http://bob:{MASK}@host:5000"
     assert params["task.fields.hf_token"] == MASK and params["task.fields.text"] == "body"
     assert "hunter2" not in tracking.ui_command("http://bob:hunter2@host:5000")
+
+
+def test_query_string_secrets_and_overrides_are_masked():
+    assert redact_text("GET https://h/x?access_token=abc&page=2&sig=zz#f") == \
+        f"GET https://h/x?access_token={MASK}&page=2&sig={MASK}#f"
+    assert redact_text("s3://b/k?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA") == \
+        f"s3://b/k?X-Amz-Signature={MASK}&X-Amz-Credential={MASK}"
+    assert redact_override("+tracking.api_token=abc") == f"+tracking.api_token={MASK}"
+    assert redact_override("tracking.uri=http://u:pw@h/") == f"tracking.uri=http://u:{MASK}@h/"
+    assert redact_override("finetune.lr=0.001") == "finetune.lr=0.001"
+
+
+def test_health_probe_sends_credentials_as_basic_auth_not_as_a_host():
+    import base64
+    import http.server
+    import threading
+
+    seen = {}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.update(path=self.path, auth=self.headers.get("Authorization"), host=self.headers.get("Host"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert tracking.unreachable(f"http://alice:p%40ss@127.0.0.1:{port}/mlflow/?access_token=t") is None
+    finally:
+        server.server_close()
+    assert seen["path"] == "/mlflow/health" and seen["host"] == f"127.0.0.1:{port}"
+    assert seen["auth"] == "Basic " + base64.b64encode(b"alice:p@ss").decode()

@@ -1,6 +1,9 @@
 """Pure functions of the stages: normalisation, splits, packing, batching, schedules, metrics."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -124,6 +127,25 @@ def test_headerless_csv_tsv_take_columns_by_position(tmp_path):
         taskdata.load_records(str(tmp_path / "h.tsv"), TaskConfig(), "k")
     with pytest.raises(UserError, match=r"missing field 'text' \(column '5'\).*2 columns, named by position \('0', '1'\)"):
         taskdata.load_records(str(tmp_path / "h.tsv"), TaskConfig(header=False, fields={"text": "5"}), "k")
+
+
+def test_task_data_that_would_mislead_is_normalised_reported_or_stopped(tmp_path):
+    train = [{"text": f"sentence {i}", "label": "pos " if i % 2 else "neg"} for i in range(40)] + \
+        [{"text": "odd one", "label": "Pos"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    test = [{"text": "sentence 3", "label": "pos"}, {"text": "new", "label": "neg"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    cfg = TaskConfig(train_path=str(tmp_path / "train.jsonl"), test_path=str(tmp_path / "test.jsonl"))
+    splits = taskdata.prepare(cfg)
+    assert {r["label"] for r in splits["train"]} <= {"pos", "neg", "Pos"}  # 'pos ' is 'pos'
+    metrics, warnings = taskdata.data_report(splits, "classification")
+    assert metrics == {"test_in_train": 1, "label_case_variants": 1}
+    assert "1 of 2 test records repeat a training input" in warnings[0] and "'Pos' / 'pos'" in warnings[1]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "x", "label": "unknown"}) + "\n")
+    with pytest.raises(UserError, match=r"^task.test_path: label\(s\) 'unknown' occur in 1 val/test record"):
+        taskdata.prepare(cfg)
+    allowed = dataclasses.replace(cfg, allow_unseen_labels=True)
+    assert taskdata.prepare(allowed)["test"] == [{"text": "x", "label": "unknown"}]
 
 
 def test_csv_tsv_parquet_and_uri_with_a_field_mapping(tmp_path):
