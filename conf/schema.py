@@ -570,12 +570,12 @@ def local_dir(root: str, cache: str = "") -> str:
     return root if usable_folder(root) else os.path.join(tempfile.gettempdir(), "lmforge-hydra")
 
 
-def usable_folder(path: str) -> bool:
-    """Whether `path` is, or can be created as, a writable folder."""
+def usable_folder(path: str, writable: bool = True) -> bool:
+    """Whether `path` is, or can be created as, a folder (a writable one, with `writable`)."""
     candidate = os.path.abspath(path)
     while not os.path.exists(candidate):
         candidate = os.path.dirname(candidate)
-    return os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK)
+    return os.path.isdir(candidate) and (not writable or os.access(candidate, os.W_OK | os.X_OK))
 
 
 def known_keys(cls: type, prefix: str = "") -> list[str]:

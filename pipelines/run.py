@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import Config, register_configs
+from conf.schema import Config, register_configs, usable_folder
 from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
 from pipelines.redaction import redact, redact_override, redact_text
 from pipelines.validate import check_composed, validate
@@ -199,6 +199,8 @@ def roots(cfg: Config) -> tuple[Path, store.Store | None, executor.NodeRoots | N
 
 def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
     validate(cfg)  # first: a bad paths.root must not be created
+    if not store.is_uri(cfg.paths.root) and not usable_folder(cfg.paths.root):
+        raise UserError(f"paths.root: '{cfg.paths.root}' is not writable here; give a folder this user can write to")
     root, step_store, nodes = roots(cfg)
     root.mkdir(parents=True, exist_ok=True)
     planned = dag.plan(cfg, root, store=step_store)

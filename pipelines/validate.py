@@ -91,9 +91,11 @@ def check_bounds(tree, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     check_bounds(cfg)
-    check("://" in cfg.paths.root or usable_folder(cfg.paths.root),
-          f"paths.root: '{cfg.paths.root}' cannot be a folder lmforge writes to (it, or a part of its path, is a "
-          "file, or the folder is not writable); give another paths.root")
+    # no part of the path may be a file (writability is checked where the run starts: a submitted job's
+    # root need not exist on the submitting machine)
+    check("://" in cfg.paths.root or usable_folder(cfg.paths.root, writable=False),
+          f"paths.root: '{cfg.paths.root}' cannot be a folder (it, or a part of its path, is a file); give "
+          "another paths.root")
     check("://" not in cfg.paths.root or cfg.paths.store in ("", cfg.paths.root),
           f"paths.store: with a URI paths.root ({cfg.paths.root}) the root is the store; leave paths.store empty")
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.experiment_name) is not None and ".." not in cfg.experiment_name,

@@ -143,7 +143,7 @@ def test_task_file_edited_in_place_reruns_what_reads_it(first_run, own):
                                        "finetune=full"),
     ("mine", ["task.header=true"], "train.tsv:2: missing field 'text' .*the header row gave the columns .*task.header=false"),
     ("mine", ["task.train_path={folder}/three.tsv", "task.test_path=null"], r"task: the (train|val|test) split is empty"),
-    ("mine", ["paths.root={folder}/book.txt/runs"], r"paths.root: '.*book.txt/runs' cannot be a folder lmforge writes to"),
+    ("mine", ["paths.root={folder}/book.txt/runs"], r"paths.root: '.*book.txt/runs' cannot be a folder \(it, or a part of its path, is a file\)"),
     ("mine", ["task.test_path={folder}/unseen.tsv"], r"task.test_path: label\(s\) 'other' occur in 1 val/test record"),
 ])
 def test_settings_that_would_be_ignored_stop_at_start(own, tmp_path, experiment, overrides, message):
