@@ -618,11 +618,11 @@ def closest_key(key: str) -> str | None:
     (data.max_doc_chars -> data.filters.max_doc_chars), else the most similar spelling."""
     import difflib
 
+    if key.startswith("finetunes.") and key.count(".") >= 2:  # finetunes.<branch>.<key>: as finetune.<key>
+        _, branch, rest = key.split(".", 2)
+        found = closest_key("finetune." + rest)
+        return found and found.replace("finetune.", f"finetunes.{branch}.", 1)
     known = known_keys(Config)
-    if key.startswith("finetunes."):  # finetunes.<branch>.<key> is checked as finetune.<key>
-        branch = key.split(".")[1]
-        return (lambda found: found and found.replace("finetune.", f"finetunes.{branch}.", 1))(
-            closest_key("finetune." + key.split(".", 2)[2]) if key.count(".") >= 2 else None)
     leaf = key.rsplit(".", 1)[-1]
     if key.startswith("task.") and ("column" in leaf or "field" in leaf):
         return "task.fields"  # task.label_field, task.text_column: the columns are mapped there

@@ -64,7 +64,8 @@ def found_columns(row, tabular: bool, cfg: TaskConfig) -> str:
     """What a record that lacks a field holds instead, and for CSV/TSV how the header was read."""
     if not isinstance(row, dict):
         return f"; the record is a {type(row).__name__}, not an object"
-    names = ", ".join(repr(str(c) if len(str(c)) <= 40 else str(c)[:37] + "...") for c in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+    shown = [str(c) if len(str(c)) <= 40 else str(c)[:37] + "..." for c in list(row)[:8]]
+    names = ", ".join(map(repr, shown)) + (", ..." if len(row) > 8 else "")
     if not tabular:
         return f"; its fields: {names}"
     if cfg.header:
@@ -200,8 +201,11 @@ def data_report(splits: dict[str, list[dict]], kind: str) -> tuple[dict, list[st
     """What in the task data would silently mislead: test records that repeat training records (their
     accuracy is memory, not generalisation) and labels that differ only in case ('Pos', 'pos').
     Metrics (test_in_train, label_case_variants) and one warning line each."""
-    train_keys = {record_key({k: v for k, v in r.items() if k != "label"}) for r in splits["train"]}
-    repeated = [r for r in splits["test"] if record_key({k: v for k, v in r.items() if k != "label"}) in train_keys]
+    def input_key(record: dict) -> str:
+        return record_key({k: v for k, v in record.items() if k != "label"})
+
+    train_keys = {input_key(r) for r in splits["train"]}
+    repeated = [r for r in splits["test"] if input_key(r) in train_keys]
     metrics, warnings = {"test_in_train": len(repeated)}, []
     if repeated:
         warnings.append(f"{len(repeated)} of {len(splits['test'])} test records repeat a training input "

@@ -56,7 +56,7 @@ def test_health_probe_sends_credentials_as_basic_auth_not_as_a_host():
             self.end_headers()
 
         def log_message(self, *args):
-            pass
+            """Quiet: the default handler writes every request to stderr."""
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.handle_request, daemon=True).start()
