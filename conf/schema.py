@@ -145,7 +145,8 @@ class DataConfig:
     min_chars: int = 16
     """Documents shorter than this after normalisation are dropped (counted as 'too_short')."""
     on_error: str = "raise"
-    """An unreadable file: 'raise' stops with its name; 'skip' quarantines it, counts and lists it."""
+    """'raise' stops at an unreadable file or a bad record (JSONL line, CSV row), naming it; 'skip'
+    quarantines unreadable files and leaves out bad records, counting and listing both (quarantine.json)."""
     seed: int = 0
     """Seed of the sample."""
     docs_per_shard: int = 2000
@@ -229,13 +230,14 @@ class TrainConfig:
     precision: str = "bf16"
     """'bf16' (autocast on CPU, native on GPU; fp32 where unsupported) or 'fp32'."""
     micro_batch_size: int = 8
-    """Sequences per worker per forward pass."""
+    """Sequences per worker per forward pass (at most 1024); with the model's weights and optimizer state
+    they must fit a worker's memory, estimated at start (pipelines/memory.py)."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all workers; gradient accumulation fills the gap."""
     max_steps: int = 100
     """Optimizer steps."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (at most 1)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 10
@@ -565,9 +567,23 @@ def local_dir(root: str, cache: str = "") -> str:
     (Hydra starts first and must not create the URI as a local path). A root that cannot be a folder
     (a file, or under one, or not writable) sends Hydra's folder to the temp directory, so that Hydra
     starts and lmforge's own check names paths.root in one line."""
-    if "://" in str(root):
-        return cache_dir(cache)
-    return root if usable_folder(root) else os.path.join(tempfile.gettempdir(), "lmforge-hydra")
+    folder = cache_dir(cache) if "://" in str(root) else (
+        root if usable_folder(root) else os.path.join(tempfile.gettempdir(), "lmforge-hydra"))
+    HYDRA_MADE.setdefault("top", first_missing(os.path.join(folder, "hydra")))
+    return folder
+
+
+HYDRA_MADE: dict[str, str | None] = {}
+"""The topmost folder Hydra's run folder creates (the root itself on a first run), seen before Hydra
+makes it: a run that fails its checks removes what it made, up to there, and nothing else."""
+
+
+def first_missing(path: str) -> str | None:
+    """The topmost folder of `path` that does not exist yet (None: it all exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
 
 def usable_folder(path: str, writable: bool = True) -> bool:

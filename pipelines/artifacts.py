@@ -21,6 +21,8 @@ MANIFEST = "_manifest.json"
 TRAIN_METRICS = ".train_metrics.json"
 """Written by a training step's rank 0 when training (and export) finished, before publication."""
 CODE_VERSION_ENV = "LMFORGE_CODE_VERSION"
+TRAIN_RUNS = ".ray_train"
+"""Ray Train's storage_path under the root: one directory per training attempt (train_run_name)."""
 
 
 def step_dir(root: Path, step: str, fingerprint: str) -> Path:
@@ -42,6 +44,25 @@ def partial_dir(root: Path, step: str, fingerprint: str) -> Path:
     previous attempt left there (a training step's checkpoints, the ingest step's finished work
     units) and continues from it. Removed once the step's result is published."""
     return root / step / f".partial-{fingerprint}"
+
+
+def train_run_name(step_name: str, fingerprint: str) -> str:
+    """Ray Train's name for one attempt at a training step: its directory under TRAIN_RUNS. Unique per
+    attempt, so no later attempt reads it (a step resumes from its own checkpoints in partial_dir)."""
+    return f"{step_name}-{fingerprint}-{uuid.uuid4().hex[:6]}"
+
+
+def train_run_step(name: str) -> tuple[str, str] | None:
+    """(step, fingerprint) of a train_run_name; a branch ('finetune.lora') as its step's directory name."""
+    parts = name.rsplit("-", 2)
+    return (parts[0].split(".")[0], parts[1]) if len(parts) == 3 else None
+
+
+def remove_train_runs(root: Path, step: str, fingerprint: str) -> None:
+    """Ray Train's directories of every attempt at a step, once it is published (under its lock)."""
+    for run_dir in (root / TRAIN_RUNS).glob(f"*-{fingerprint}-*"):
+        if train_run_step(run_dir.name) == (step, fingerprint):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def finished_training(partial: Path) -> dict | None:

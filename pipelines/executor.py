@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from conf.schema import Config
 from pipelines import artifacts, locks
-from pipelines.stopping import DiskFull, Preempted, fit_here, fit_on_nodes, out_of_space, watch_stop_request
+from pipelines.stopping import STOP, DiskFull, Preempted, fit_here, fit_on_nodes, out_of_space, watch_stop_request
 from pipelines import store as store_module
 from pipelines.dag import PlannedStep
 from pipelines.redaction import redact, redact_text
@@ -41,18 +42,30 @@ WORKER_ENV = {
 }
 def start_ray(cfg: Config) -> dict:
     """Join `ray.address` / $RAY_ADDRESS, or start an embedded local Ray. Returns cluster resources."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        loopback_only()
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV},
                   logging_config=ray.LoggingConfig(log_level="ERROR"))
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # An embedded Ray stays on loopback: nothing of it is reachable from other machines.
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     return ray.cluster_resources()
+
+
+def loopback_only() -> None:
+    """An embedded Ray listens on loopback only (GCS, raylet, workers, dashboard and runtime-env agents),
+    so nothing of it is reachable from other machines. Ray turns a node address of 127.0.0.1 into the
+    machine's external one unless it is told the node is no cluster member (the switch that Ray names for
+    Windows and macOS, read when Ray is imported; set on the module too if it already was)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def stop_ray() -> None:
@@ -241,8 +254,8 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{step.name}-{fingerprint}-{uuid.uuid4().hex[:6]}",
-                             storage_path=str((root / ".ray_train").resolve()),
+        run_config=RunConfig(name=artifacts.train_run_name(step.name, fingerprint),
+                             storage_path=str((root / artifacts.TRAIN_RUNS).resolve()),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
@@ -252,8 +265,8 @@ def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metric
         reported = fit_here(trainer, out_dir, token)
     metrics = reported["metrics"]
     if "stopped_at_step" in metrics:
-        raise Preempted(f"stopped by SIGTERM: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
-                        f"rerun the same command to continue from there")
+        raise Preempted(f"stopped by {STOP.signal_name}: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
+                        f"rerun the same command to continue from there", STOP.exit_code)
     return metrics, [reported["node_id"]]
 
 
@@ -359,6 +372,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
     try:
         if nodes and training:
             run_training_step(item, inputs, staging, log_metrics, root, nodes, base)
+            artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # published by rank 0
             return nodes.here()[1].manifest(item.step.base, item.fingerprint)
         if nodes:
             import ray
@@ -374,6 +388,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         if not training and not nodes:  # a training step keeps its checkpoints for the next attempt
             shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
+            tracker.set_tags(run_id, {"lmforge.error": failure_line(error)})
             tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
         if full:
             raise DiskFull(f"{item.step.name}: no space left on the device of {staging.parent.parent} "
@@ -382,4 +397,30 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         raise
     manifest = artifacts.publish(staging, item.out_dir, finished(base, inputs, metrics, node_ids))
     shutil.rmtree(work_dir, ignore_errors=True)  # a data step's finished work units (a training step's moved)
+    artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # a training step's; kept when an attempt fails
     return manifest
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The original error behind Ray's wrappers (a task's error, a Train worker group's failures)."""
+    while True:
+        inner = getattr(exc, "cause", None)
+        failures = list((getattr(exc, "worker_failures", None) or {}).values())
+        if isinstance(inner, BaseException):
+            exc = inner
+        elif failures:
+            exc = failures[0]
+        else:
+            return exc
+
+
+def failure_line(exc: BaseException) -> str:
+    """What went wrong, in one line with secrets masked: the UserError (bad input or config) behind
+    the error if there is one, else the original error's type and first line."""
+    error = root_error(exc)
+    link = error
+    while link is not None:
+        if isinstance(link, (UserError, DiskFull, Preempted)):
+            return redact_text(str(link))
+        link = link.__cause__
+    return redact_text(f"{type(error).__name__}: {error_line(error)}")

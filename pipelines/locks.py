@@ -59,6 +59,16 @@ def holder_is_dead(path: Path) -> bool:
     return False
 
 
+def is_held(path: Path) -> bool:
+    """A lock (a step's, or a run's live marker) whose holder is alive: a fresh heartbeat, and not a
+    process on this machine that has exited (a SIGKILLed launch is seen at once)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age < STALE_S and not holder_is_dead(path)
+
+
 def take_over_if_stale(path: Path, stale_s: float) -> str | None:
     """Move aside a lock without a recent heartbeat, or one whose holder died on this machine
     (atomically: one taker wins); returns what happened to its holder."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import Config, register_configs, usable_folder
-from pipelines import artifacts, dag, executor, figures, stopping, store, tracking
+from conf.schema import HYDRA_MADE, Config, register_configs, usable_folder
+from pipelines import artifacts, dag, executor, figures, locks, stopping, store, tracking
 from pipelines.redaction import redact, redact_override, redact_text
 from pipelines.validate import check_composed, validate
 from tasks import baselines
@@ -197,10 +198,17 @@ def roots(cfg: Config) -> tuple[Path, store.Store | None, executor.NodeRoots | N
     return root, store.open_store(cfg.paths.root, "paths.root"), executor.NodeRoots(cfg.paths.root, cfg.paths.cache, root)
 
 
-def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
+def live_path(root: Path, run_id: str) -> Path:
+    """Held (with a heartbeat) while the run executes: `pipelines.status` tells a live run from a dead one by it."""
+    return locks.lock_path(root, "runs", run_id, kind="live")
+
+
+def run_pipeline(cfg: Config, resolved_yaml: str, on_valid=lambda: None) -> dict:
+    """on_valid(): called once the config and inputs passed their checks, before anything is made."""
     validate(cfg)  # first: a bad paths.root must not be created
     if not store.is_uri(cfg.paths.root) and not usable_folder(cfg.paths.root):
         raise UserError(f"paths.root: '{cfg.paths.root}' is not writable here; give a folder this user can write to")
+    on_valid()
     root, step_store, nodes = roots(cfg)
     root.mkdir(parents=True, exist_ok=True)
     planned = dag.plan(cfg, root, store=step_store)
@@ -216,39 +224,56 @@ def run_pipeline(cfg: Config, resolved_yaml: str) -> dict:
         tags = {"lmforge.code_version": artifacts.code_version(), "lmforge.experiment": cfg.experiment_name}
         run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
-        try:
-            with stopping.STOP:
-                results = executor.execute(planned, root, tracker, resources, step_store, nodes)
-        except BaseException as error:
-            with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
-                tracker.end(run_id, "KILLED" if isinstance(error, stopping.Preempted) else "FAILED")
-                report_tracking(tracker.finish(), uri)
-            raise
-        summary = {
-            "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": redact_text(uri), "root": str(root),
-            "steps": [dataclasses.asdict(r) for r in results],
-        }
-        summary_path = root / "runs" / f"{run_id}.json"
-        summary_path.parent.mkdir(exist_ok=True)
-        write_json(summary_path, summary)
-        tracker.log_artifacts(run_id, [summary_path])
-        def local_dir(result: executor.StepResult) -> Path:
-            if not nodes:
-                return Path(result.out_dir)
-            base = result.name.split(".")[0]  # the steps are in the store: what is registered is fetched here first
-            return store.fetch_steps(step_store, root, {base: result.fingerprint})[base]
-
-        summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results, local_dir)
-        tracker.end(run_id)
-        summary["tracking"] = tracker.finish()
-        write_json(summary_path, summary)
-        if nodes:  # where `pipelines.status --root <the URI>` finds it
-            step_store.put_json(f"runs/{run_id}.json", summary)
-        print_summary(results, run_id, uri, summary_path)
-        report_tracking(summary["tracking"], uri)
-        return summary
+        with locks.step_lock(live_path(root, run_id), say=print):
+            results = execute(planned, root, tracker, run_id, resources, step_store, nodes)
+            return record_run(cfg, tracker, run_id, planned, results, root, step_store, nodes)
     finally:
         executor.stop_ray()
+
+
+def execute(planned: list[dag.PlannedStep], root: Path, tracker: tracking.Tracker, run_id: str, resources: dict,
+            step_store: store.Store | None, nodes: executor.NodeRoots | None) -> list[executor.StepResult]:
+    """The steps, run; a failure is recorded on the parent run (its one-line reason, FAILED or KILLED)."""
+    try:
+        with stopping.STOP:
+            return executor.execute(planned, root, tracker, resources, step_store, nodes)
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
+            tracker.set_tags(run_id, {"lmforge.error": executor.failure_line(error)})
+            tracker.end(run_id, "KILLED" if isinstance(error, stopping.Preempted) else "FAILED")
+            report_tracking(tracker.finish(), tracker.uri)
+        raise
+
+
+def record_run(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: list[dag.PlannedStep],
+               results: list[executor.StepResult], root: Path, step_store: store.Store | None,
+               nodes: executor.NodeRoots | None) -> dict:
+    """The run summary (runs/<run id>.json), the parent run's review material and registered models."""
+    uri = tracker.uri
+    summary = {
+        "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": redact_text(uri), "root": str(root),
+        "steps": [dataclasses.asdict(r) for r in results],
+    }
+    summary_path = root / "runs" / f"{run_id}.json"
+    summary_path.parent.mkdir(exist_ok=True)
+    write_json(summary_path, summary)
+    tracker.log_artifacts(run_id, [summary_path])
+
+    def local_dir(result: executor.StepResult) -> Path:
+        if not nodes:
+            return Path(result.out_dir)
+        base = result.name.split(".")[0]  # the steps are in the store: what is registered is fetched here first
+        return store.fetch_steps(step_store, root, {base: result.fingerprint})[base]
+
+    summary["registered_models"] = track_results(cfg, tracker, run_id, planned, results, local_dir)
+    tracker.end(run_id)
+    summary["tracking"] = tracker.finish()
+    write_json(summary_path, summary)
+    if nodes:  # where `pipelines.status --root <the URI>` finds it
+        step_store.put_json(f"runs/{run_id}.json", summary)
+    print_summary(results, run_id, uri, summary_path)
+    report_tracking(summary["tracking"], uri)
+    return summary
 
 
 def write_run_record(dict_cfg: DictConfig) -> None:
@@ -263,47 +288,44 @@ def write_run_record(dict_cfg: DictConfig) -> None:
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
-def root_error(exc: BaseException) -> BaseException:
-    """The original error behind Ray's wrappers (a task's error, a Train worker group's failures)."""
-    while True:
-        inner = getattr(exc, "cause", None)
-        failures = list((getattr(exc, "worker_failures", None) or {}).values())
-        if isinstance(inner, BaseException):
-            exc = inner
-        elif failures:
-            exc = failures[0]
-        else:
-            return exc
-
-
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """One line for the user, and whether it is a UserError (bad input or config)."""
-    error = root_error(exc)
-    if isinstance(error, stopping.DiskFull):
-        return str(error), False
-    link = error
-    while link is not None:
-        if isinstance(link, UserError):
-            return str(link), True
-        link = link.__cause__
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}", False
+    link, is_user_error = executor.root_error(exc), False
+    while link is not None and not is_user_error:
+        is_user_error, link = isinstance(link, UserError), link.__cause__
+    return executor.failure_line(exc), is_user_error
+
+
+@contextlib.contextmanager
+def removed_unless_started(run_folder: Path):
+    """A run that stops at its checks (its record, .hydra/config.yaml, not written) leaves nothing
+    behind: Hydra's run folder goes, and the empty folders Hydra made for it (hydra/, the root on a
+    first run), up to the topmost one that did not exist before."""
+    try:
+        yield
+    finally:
+        if not (run_folder / ".hydra" / "config.yaml").exists():
+            shutil.rmtree(run_folder, ignore_errors=True)
+            top, folder = HYDRA_MADE.get("top"), run_folder.parent
+            while top and folder.is_relative_to(top) and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     try:
-        check_composed(dict_cfg, HydraConfig.get().runtime.choices)
-        write_run_record(dict_cfg)
-        cfg: Config = OmegaConf.to_object(dict_cfg)
-        resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
-        run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        with removed_unless_started(Path(HydraConfig.get().runtime.output_dir)):
+            check_composed(dict_cfg, HydraConfig.get().runtime.choices)
+            cfg: Config = OmegaConf.to_object(dict_cfg)
+            resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
+            run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), on_valid=lambda: write_run_record(dict_cfg))
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
         sys.exit(130)
     except stopping.Preempted as stopped:
         print(str(stopped), file=sys.stderr)
-        sys.exit(143)
+        sys.exit(stopped.exit_code)
     except Exception as exc:  # every failure ends in one readable line; details are in the step logs above
         message, is_user_error = describe_failure(exc)
         print(f"error: {redact_text(message)}", file=sys.stderr)

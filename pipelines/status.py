@@ -4,9 +4,12 @@ locks) and from MLflow (runs still going and failed ones, which have no summary 
     python -m pipelines.status [--root DIR|URI]           # recent runs
     python -m pipelines.status [--root DIR|URI] RUN_ID    # each step of one run
 
+A run is `running` while its launch holds `runs/.live-<run id>` (a heartbeat, the launch's pid),
+`finished`, `failed` (with its one-line error), `killed`, or `interrupted` (MLflow says running but
+the launch died: a SIGKILL, a lost machine; rerun the same command to continue).
 A step is `cached` (an earlier result was used), `done`, `running` (its lock has a fresh
-heartbeat), `failed` or `stopped` (its MLflow run says so), or `interrupted` (its MLflow run never
-ended and no launch holds its lock: the launch died; rerun the same command to continue).
+heartbeat and its holder is alive), `failed` or `stopped` (its MLflow run says so; the error line
+is shown), or `interrupted` (its MLflow run never ended and no launch holds its lock).
 The root is --root, else $LMFORGE_ROOT, else ./lmforge_runs; MLflow is --tracking-uri, else
 $MLFLOW_TRACKING_URI, else the SQLite store under the root. A URI root (s3://..., file://...) is
 read from the store: its run summaries and step manifests; locks and the default MLflow store
@@ -37,6 +40,7 @@ class StepRow:
     seconds: float | None
     out_dir: Path | str
     node_ids: list[str] = field(default_factory=list)
+    error: str = ""
 
 
 def step_state(summary_status: str | None, mlflow_status: str | None, mlflow_tag: str | None,
@@ -54,11 +58,17 @@ def step_state(summary_status: str | None, mlflow_status: str | None, mlflow_tag
 
 
 def lock_is_fresh(root: Path, step: str, fingerprint: str) -> bool:
-    try:
-        age = time.time() - locks.lock_path(root, step, fingerprint).stat().st_mtime
-    except FileNotFoundError:
-        return False
-    return age < locks.STALE_S
+    return locks.is_held(locks.lock_path(root, step, fingerprint))
+
+
+def run_state(root: Path, parent: dict, remote_root: bool) -> str:
+    """A pipeline run's state: MLflow's, except that a run MLflow still calls running whose launch
+    no longer holds its live marker died (killed, or its machine went away): `interrupted`. With a
+    URI root the marker is on the launching machine, so there MLflow's word stands."""
+    state = parent["status"].lower()
+    if state != "running" or locks.is_held(locks.lock_path(root, "runs", parent["run_id"], kind="live")):
+        return state
+    return state if remote_root else "interrupted"
 
 
 def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None, child: dict | None,
@@ -77,7 +87,8 @@ def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None,
         seconds = ((child.get("end") or time.time() * 1000) - child["start"]) / 1000
     else:
         seconds = None
-    return StepRow(name, state, seconds, out_dir, manifest.get("placement", {}).get("node_ids", []))
+    error = (child or {}).get("tags", {}).get("lmforge.error", "") if state in ("failed", "stopped") else ""
+    return StepRow(name, state, seconds, out_dir, manifest.get("placement", {}).get("node_ids", []), error)
 
 
 def run_steps(root: Path, summary: dict | None, children: list[dict], store=None) -> list[StepRow]:
@@ -123,7 +134,8 @@ def when(ms_or_s: float | None) -> str:
     return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def list_runs(summaries: dict[str, dict], parents: list[dict], limit: int) -> list[dict]:
+def list_runs(summaries: dict[str, dict], parents: list[dict], limit: int,
+              state_of=lambda parent: parent["status"].lower()) -> list[dict]:
     """Recent runs, newest first: MLflow's parent runs, and summaries MLflow does not have."""
     rows = {}
     for run_id, s in summaries.items():
@@ -132,7 +144,7 @@ def list_runs(summaries: dict[str, dict], parents: list[dict], limit: int) -> li
                         "time": s["written_at"], "steps": ", ".join(counts)}
     for p in parents:
         row = rows.setdefault(p["run_id"], {"run_id": p["run_id"], "experiment": p["name"], "steps": "-"})
-        row.update(state=p["status"].lower(), time=p["start"] / 1000)
+        row.update(state=state_of(p), time=p["start"] / 1000)
     return sorted(rows.values(), key=lambda r: r["time"], reverse=True)[:limit]
 
 
@@ -149,6 +161,8 @@ def print_steps(rows: list[StepRow]) -> None:
         seconds = "-" if r.seconds is None else f"{r.seconds:.1f}"
         nodes = ",".join(n[:8] for n in r.node_ids) or "-"
         print(f"  {r.name:<{width}} {r.state:<11} {seconds:>8}  {nodes:<8}  {r.out_dir}")
+        if r.error:
+            print(f"  {'':<{width}} error: {r.error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         root = store_module.cache_root("")
     else:
         root = Path(args.root).resolve()
+        if not root.is_dir():
+            print(f"error: --root {root} is not a folder of runs (no such folder); give the paths.root your "
+                  f"runs used, or set $LMFORGE_ROOT", file=sys.stderr)
+            return 2
     uri = tracking_uri(root, args.tracking_uri)
     summaries = load_summaries(root, store)
+    state_of = lambda parent: run_state(root, parent, remote_root=store is not None)
     if args.run_id is None:
         parents = tracking.find_runs(uri, args.experiment, limit=args.limit) if uri else []
-        print_runs(list_runs(summaries, parents, args.limit))
+        print_runs(list_runs(summaries, parents, args.limit, state_of))
         return 0
     summary = summaries.get(args.run_id)
     parent = tracking.find_run(uri, args.run_id) if uri else None
@@ -183,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     children = tracking.find_runs(uri, args.experiment, parent_id=args.run_id) if parent else []
     experiment = (summary or {}).get("experiment") or parent["name"]
-    print(f"run {args.run_id} ({experiment}): {parent['status'].lower() if parent else 'finished'}, "
+    print(f"run {args.run_id} ({experiment}): {state_of(parent) if parent else 'finished'}, "
           f"root {store.uri if store else root}")
+    if parent and parent["tags"].get("lmforge.error"):
+        print(f"error: {parent['tags']['lmforge.error']}")
     print_steps(run_steps(root, summary, children, store))
     return 0
 

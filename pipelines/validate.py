@@ -10,7 +10,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import Config, DataConfig, FinetuneConfig, TokenizerConfig, TrainConfig, closest_key, unknown_keys, usable_folder
+from conf.schema import (Config, DataConfig, FinetuneConfig, ModelConfig, TokenizerConfig, TrainConfig, closest_key,
+                         unknown_keys, usable_folder)
+from pipelines.memory import GiB, num_adapter_parameters, training_memory, worker_memory
 from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
 from tasks.tokenize import special_tokens
@@ -70,11 +72,21 @@ LOWER_BOUNDS = {
 BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity", "replay_fraction"}
 AT_MOST_ONE = {"p_delete", "p_swap", "p_insert", "p_synonym", "rate", "max_symbol_ratio", "max_digit_ratio",
                "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold", "min_language_score"}
+# The largest sensible value of a setting, by field name, and why: beyond it a value is a typo or a unit
+# mistake, not a plan.
+UPPER_BOUNDS = {
+    "lr": (1.0, "a learning rate above 1 diverges; typical values 1e-4..1e-2"),
+    "max_steps": (10**7, "10M optimizer steps is months of training; large language models are pretrained in ~1e6"),
+    "max_epochs": (1000, "more passes than that memorise the training records; typical values 1..10"),
+    "micro_batch_size": (1024, "sequences per worker per forward pass; typical values 1..64, more through "
+                               "global_batch_size's gradient accumulation"),
+    "global_batch_size": (65536, "sequences per optimizer step; large language models use ~1e3"),
+}
 MAX_AUGMENTED_COPIES = 100
 
 
 def check_bounds(tree, prefix: str = "") -> None:
-    """Every numeric field of the config tree against LOWER_BOUNDS."""
+    """Every numeric field of the config tree against LOWER_BOUNDS and UPPER_BOUNDS."""
     import dataclasses
 
     items = tree.items() if isinstance(tree, dict) else (
@@ -87,6 +99,9 @@ def check_bounds(tree, prefix: str = "") -> None:
             check(value >= LOWER_BOUNDS[name], f"{key}: must be at least {LOWER_BOUNDS[name]:g}, got {value}")
             check(name not in BELOW_ONE or value < 1, f"{key}: must be below 1, got {value}")
             check(name not in AT_MOST_ONE or value <= 1, f"{key}: must be at most 1, got {value}")
+            if name in UPPER_BOUNDS:
+                bound, why = UPPER_BOUNDS[name]
+                check(value <= bound, f"{key}: must be at most {bound:g}, got {value:g} ({why})")
 
 
 def validate(cfg: Config) -> None:
@@ -105,7 +120,7 @@ def validate(cfg: Config) -> None:
     for name in cfg.decontaminate.sets:
         check(name in taskdata.SPLITS, f"decontaminate.sets: '{name}' is not a task split {taskdata.SPLITS}")
     tok, model = cfg.tokenizer, cfg.model
-    validate_tokenizer(tok)
+    vocab_size = validate_tokenizer(tok)
     check(tok.seq_len <= model.max_position_embeddings,
           f"tokenizer.seq_len: {tok.seq_len} exceeds model.max_position_embeddings ({model.max_position_embeddings})")
     check(model.hidden_size % model.num_heads == 0,
@@ -113,12 +128,15 @@ def validate(cfg: Config) -> None:
     check(model.num_heads % model.num_kv_heads == 0,
           f"model.num_kv_heads: {model.num_kv_heads} does not divide model.num_heads ({model.num_heads})")
     validate_train("pretrain", cfg.pretrain)
+    check_memory("pretrain", cfg.pretrain, model, vocab_size, ("seq_len", tok.seq_len), worker_memory(cfg, cfg.pretrain))
     branches = {f"finetunes.{name}": ft for name, ft in cfg.finetunes.items()} or {"finetune": cfg.finetune}
     for key, ft in branches.items():
         check(key == "finetune" or re.fullmatch(r"finetunes\.[a-z0-9_]{1,32}", key) is not None,
               f"{key}: a branch name is 1-32 lower-case letters, digits or underscores")
         validate_finetune(key, ft, model.max_position_embeddings)
         validate_techniques(key, ft, cfg.task.kind)
+        check_memory(key, ft, model, vocab_size, ("max_length", ft.max_length), worker_memory(cfg, ft),
+                     num_adapter_parameters(ft, model, vocab_size))
         check(not ft.replay_fraction or model.tie_embeddings or finetune.resolve_objective(ft, cfg.task.kind) == "lm",
               f"{key}.replay_fraction: replay with a classification head reads the language model through the "
               f"tied embeddings; set model.tie_embeddings=true or {key}.objective=lm")
@@ -158,14 +176,13 @@ def validate_tracking(cfg: Config) -> None:
           is not None, f"tracking.registered_model: '{track.registered_model}' must be 1-100 letters, digits, '_', '.' or '-'")
 
 
-def validate_tokenizer(tok: TokenizerConfig) -> None:
+def validate_tokenizer(tok: TokenizerConfig) -> int:
     """A reused tokenizer (tokenizer.path) is loaded now: a missing file, or no EOS or pad token,
-    stops the run here. A trained one: its special tokens and chat template."""
+    stops the run here. A trained one: its special tokens and chat template. Returns the vocabulary size."""
     check(0 < tok.val_fraction < 1, f"tokenizer.val_fraction: must be within (0, 1), got {tok.val_fraction}")
     check(tok.seq_len >= 2, f"tokenizer.seq_len: must be at least 2, got {tok.seq_len}")
     if tok.path:
-        tokenizer_files.load(tok)
-        return
+        return len(tokenizer_files.load(tok))
     for role in ("pad", "bos", "eos"):
         check(bool(getattr(tok, f"{role}_token")), f"tokenizer.{role}_token: must not be empty")
     check(all(tok.additional_special_tokens),
@@ -175,6 +192,7 @@ def validate_tokenizer(tok: TokenizerConfig) -> None:
           f"tokenizer.vocab_size: {tok.vocab_size} is below the byte alphabet plus special tokens ({256 + len(names)})")
     check(tok.vocab_size <= 2**32, f"tokenizer.vocab_size: {tok.vocab_size} is too large")
     check_template("tokenizer.chat_template", tok.chat_template)
+    return tok.vocab_size
 
 
 def check_template(key: str, template: str) -> None:
@@ -201,6 +219,19 @@ def validate_finetune(key: str, cfg: FinetuneConfig, max_positions: int) -> None
     check(cfg.max_length + extra <= max_positions,
           f"{key}.max_length: {cfg.max_length} (+{extra} virtual tokens) exceeds "
           f"model.max_position_embeddings ({max_positions})")
+
+
+def check_memory(key: str, cfg: TrainConfig, model: ModelConfig, vocab_size: int, length: tuple[str, int],
+                 available: float | None, num_adapter_params: int = 0) -> None:
+    """Stop when training_memory exceeds what a worker has here (`available`; None: not known)."""
+    parts = training_memory(cfg, model, vocab_size, length[1], num_adapter_params)
+    if available is None or sum(parts.values()) <= available:
+        return
+    gib = {name: f"{value / GiB:.2f}" for name, value in parts.items()}
+    raise UserError(f"{key}: about {sum(parts.values()) / GiB:.1f} GiB per worker (params {gib['params']}, optimizer "
+                    f"{gib['optimizer']}, activations {gib['activations']} for micro_batch_size={cfg.micro_batch_size} "
+                    f"x {length[0]}={length[1]}) but a worker has about {available / GiB:.1f} GiB here; lower "
+                    f"{key}.micro_batch_size or use a smaller model / higher zero_stage")
 
 
 def validate_task(cfg: Config) -> None:

@@ -9,8 +9,12 @@ output does not depend on the unit size or the number of workers), exact duplica
 data.near_dedup.enabled, near-duplicates (tasks/dedup.py) are dropped and the per-source
 weights applied (tasks/mixing.py). Every input document is accounted for: docs_in = docs_kept +
 sum of dropped_* counts, with a few dropped documents per reason in dropped_examples.jsonl and
-the bytes written per source in mixture.json. Files that could not be read are either a clear
-error (data.on_error=raise) or quarantined and listed in quarantine.json (data.on_error=skip).
+the bytes written per source in mixture.json. Files that could not be read and bad records (a
+malformed JSONL line or CSV row: tasks/sources.py) are either a clear error (data.on_error=raise)
+or (data.on_error=skip) listed in quarantine.json: whole files under "files", and per file the
+number of records skipped and the first data.examples_per_reason of them (line or row, reason)
+under "skipped_records"; the other records of such a file are kept. Skipped records are not
+documents: they are counted in records_skipped, not in docs_in.
 
     run(cfg: DataConfig, inputs={}, out_dir, ctx) -> metrics
 """
@@ -131,15 +135,20 @@ def process_unit(unit: units.Unit, cfg: DataConfig) -> tuple[list[dict], np.ndar
 
 def process_part(part: Part, cfg: DataConfig) -> dict:
     """Read, normalise and filter one part (a file, or a piece of one): the documents kept, counts and
-    examples by drop reason; an unreadable file is an error, or (data.on_error=skip) recorded as one."""
+    examples by drop reason; an unreadable file or a bad record is an error, or (data.on_error=skip)
+    recorded as one (the records skipped counted, the first few kept as examples)."""
     result = {"source": part.source.key, "docs": [], "docs_in": 0, "error": None, "lines": 0,
-              "dropped": dict.fromkeys(REASONS, 0), "examples": {reason: [] for reason in REASONS}}
+              "dropped": dict.fromkeys(REASONS, 0), "examples": {reason: [] for reason in REASONS},
+              "records_skipped": 0, "skipped_examples": []}
+    skipped = [] if cfg.on_error == "skip" else None  # None: the first bad record raises
     try:
-        raw_docs, result["lines"] = read_part(part, cfg.text_field)
+        raw_docs, result["lines"] = read_part(part, cfg.text_field, skipped)
     except UserError as exc:
-        if cfg.on_error != "skip":
+        if skipped is None:
             raise
         return {**result, "error": str(exc)}
+    if skipped:
+        result["records_skipped"], result["skipped_examples"] = len(skipped), skipped[: cfg.examples_per_reason]
     dropped, examples = result["dropped"], result["examples"]
     for source_id, text in split_documents(raw_docs, part, cfg.text_chunk_chars):
         result["docs_in"] += 1
@@ -204,26 +213,28 @@ def run(cfg: DataConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
     groups = source_groups(cfg)
     kept, repeats = mixing.mix(kept, groups, cfg.seed)
     dropped["subsampled"] = merged["num_unique"] - dropped["near_duplicate"] - len(kept)
-    docs_in, quarantined = merged["docs_in"], merged["quarantined"]
+    docs_in, quarantined, skipped = merged["docs_in"], merged["quarantined"], merged["skipped"]
     if not kept:
         raise UserError(f"data: no usable documents in {len(sources)} sources ({docs_in} read, dropped "
                         f"{({k: v for k, v in dropped.items() if v})}){drop_hint(dropped)}")
 
     num_shards = write_shards(kept + repeats, out_dir, cfg.docs_per_shard)
-    write_json(out_dir / "quarantine.json", quarantined)
+    write_json(out_dir / "quarantine.json", {"files": quarantined, "skipped_records": skipped})
     write_jsonl(out_dir / "dropped_examples.jsonl", [e for reason in REASONS for e in examples[reason]])
     mixture = mixing.report(groups, kept + repeats)
     write_json(out_dir / "mixture.json", mixture)
     metrics = {
         "sources": len(sources), "docs_in": docs_in, "docs_kept": len(kept), "shards": num_shards,
         "docs_written": len(kept) + len(repeats), "bytes_written": sum(g["bytes_written"] for g in mixture),
-        "files_quarantined": len(quarantined), **{f"dropped_{reason}": count for reason, count in dropped.items()},
+        "files_quarantined": len(quarantined), "records_skipped": sum(s["records_skipped"] for s in skipped),
+        **{f"dropped_{reason}": count for reason, count in dropped.items()},
         **{f"mix_share_{g['group']}": g["share"] for g in mixture},
         "units_total": len(plan), "units_reused": reused,  # how the work was cut and resumed, not the result
     }
     assert docs_in == len(kept) + sum(dropped.values()), "document accounting does not add up"
     ctx.say(f"kept {len(kept)} of {docs_in} documents; dropped {({k: v for k, v in dropped.items() if v})}; "
-            f"quarantined files {len(quarantined)}{drop_hint(dropped) if dropped['too_long'] else ''}")
+            f"quarantined files {len(quarantined)}; skipped records {metrics['records_skipped']}"
+            f"{drop_hint(dropped) if dropped['too_long'] else ''}")
     return metrics
 
 
@@ -251,13 +262,15 @@ def drop_hint(dropped: dict) -> str:
 def merge_results(results: list[dict], examples_per_reason: int) -> dict:
     """Sum the parts' counts (in corpus order) and drop exact duplicates (same normalised text) across all of them."""
     first_source: dict[str, str] = {}
-    kept, signatures, quarantined, docs_in = [], [], [], 0
+    kept, signatures, quarantined, skipped, docs_in = [], [], [], [], 0
     dropped, examples = dict.fromkeys(REASONS, 0), {reason: [] for reason in REASONS}
     for result in results:
         if result["error"] is not None:
             quarantined.append({"source": result["source"], "error": result["error"]})
             continue
         docs_in += result["docs_in"]
+        if result["records_skipped"]:
+            add_skipped(skipped, result, examples_per_reason)
         for reason in REASONS:
             dropped[reason] += result["dropped"][reason]
             examples[reason] += result["examples"][reason][: examples_per_reason - len(examples[reason])]
@@ -273,7 +286,16 @@ def merge_results(results: list[dict], examples_per_reason: int) -> dict:
             if result["signatures"] is not None:
                 signatures.append(result["signatures"][index])
     return {"kept": kept, "signatures": signatures, "dropped": dropped, "examples": examples,
-            "quarantined": quarantined, "docs_in": docs_in, "num_unique": len(kept)}
+            "quarantined": quarantined, "skipped": skipped, "docs_in": docs_in, "num_unique": len(kept)}
+
+
+def add_skipped(skipped: list[dict], result: dict, examples_per_file: int) -> None:
+    """Count a part's skipped records in its file's entry (a file's parts come one after the other)."""
+    if not skipped or skipped[-1]["source"] != result["source"]:
+        skipped.append({"source": result["source"], "records_skipped": 0, "examples": []})
+    entry = skipped[-1]
+    entry["records_skipped"] += result["records_skipped"]
+    entry["examples"] += result["skipped_examples"][: examples_per_file - len(entry["examples"])]
 
 
 def remove_near_duplicates(kept: list, signatures: list, cfg: DataConfig, dropped: dict, examples: dict) -> list:

@@ -38,6 +38,17 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """What `count_parameters(build_model(cfg, vocab_size, ...))` counts, without building it: the
+    embedding (and an untied output head), per layer the attention and MLP projections (no biases) and
+    two RMSNorm weights, and the final norm."""
+    kv_width = cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads)
+    attention = 2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * kv_width
+    layer = attention + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size
+    embeddings = (1 if cfg.tie_embeddings else 2) * vocab_size * cfg.hidden_size
+    return embeddings + cfg.num_layers * layer + cfg.hidden_size
+
+
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (weights of every matrix multiply, the output head included)
     plus attention scores and weighted sums, 12 x layers x width x sequence length."""

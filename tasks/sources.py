@@ -6,21 +6,25 @@ Formats: .txt/.md/.py/.rst (one document per file), .jsonl, .csv/.tsv, .parquet 
 record, text in `data.text_field`), any of them but Parquet compressed (.gz, .zst, .bz2, .lz4),
 and Hugging Face datasets saved with `save_to_disk` (a directory with state.json and Arrow
 IPC stream files, read with pyarrow: no `datasets` dependency). A file that cannot be read is a
-UserError that names it and the problem.
+UserError that names it and the problem. So is a bad record (a JSONL line that is not a JSON object
+with a string text field, a CSV/TSV row whose fields do not match the header), unless the caller
+passes a `skipped` list (data.on_error=skip): the record is then noted there and left out, and the
+records around it keep their numbers. A text file is one document: undecodable bytes make it unreadable.
 
 A `Part` is what one work unit of the ingest step reads (tasks/units.py): a whole source, the
 lines that start in a byte range of an uncompressed JSONL file, or a run of row groups of a
 Parquet file; pieces read through the same pyarrow filesystem as whole files.
 
     find_sources(pattern, key) -> [Source]
-    read_source(source, text_field) -> [(source id, raw text)]
-    read_part(part, text_field) -> ([(source id, raw text)], lines of a JSONL range)
+    read_source(source, text_field, skipped=None) -> [(source id, raw text)]
+    read_part(part, text_field, skipped=None) -> ([(source id, raw text)], lines of a JSONL range)
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import tokenize as py_tokenize
@@ -30,13 +34,14 @@ from pathlib import PurePosixPath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from tasks.common import UserError, iter_jsonl
+from tasks.common import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet", ".csv", ".tsv", ".arrow"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
 HF_STATE = "state.json"  # what `datasets.Dataset.save_to_disk` leaves beside its Arrow files
 SCAN_BYTES = 1 << 16  # read at a time when looking for the end of a line
+SKIP_HINT = "set data.on_error=skip to skip bad records"
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,9 @@ def file_source(key: str, info: pafs.FileInfo, config_key: str) -> Source:
     return Source("file", key, info.size or 0, info.mtime_ns or 0)
 
 
-def read_source(source: Source, text_field: str) -> list[tuple[str, str]]:
-    """(source id, raw text) for every document of one source; UserError names the file and problem."""
+def read_source(source: Source, text_field: str, skipped: list | None = None) -> list[tuple[str, str]]:
+    """(source id, raw text) for every document of one source; UserError names the file and problem.
+    With `skipped`, bad records are noted there instead (bad_record)."""
     if source.kind == "pydoc":
         from pydoc_data.topics import topics
 
@@ -156,9 +162,9 @@ def read_source(source: Source, text_field: str) -> list[tuple[str, str]]:
         if not data and suffix in RECORD_SUFFIXES:  # an empty text file is one empty document, counted as such
             raise UserError(f"{path}: empty file")
         if suffix == ".jsonl":
-            return read_jsonl(path, data, text_field)
+            return read_jsonl(path, data, text_field, skipped=skipped)
         if suffix in (".csv", ".tsv"):
-            return read_csv(path, data, suffix, text_field)
+            return read_csv(path, data, suffix, text_field, skipped)
         return [(path, data.decode(source_encoding(path, data)))]
     except (UnicodeDecodeError, SyntaxError) as exc:
         where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
@@ -167,23 +173,24 @@ def read_source(source: Source, text_field: str) -> list[tuple[str, str]]:
         raise UserError(f"{path}: cannot read ({describe(exc)})") from None
 
 
-def read_part(part: Part, text_field: str) -> tuple[list[tuple[str, str]], int]:
+def read_part(part: Part, text_field: str, skipped: list | None = None) -> tuple[list[tuple[str, str]], int]:
     """(source id, raw text) of each document of a part, and for a JSONL range the number of lines it
     owns (0 otherwise). A range's source ids count lines from its own first line (which line of the
     file that is depends on the ranges before it: tasks/units.py shifts them); its errors name the
-    file's own line."""
+    file's own line (and its skipped records count lines as its source ids do)."""
     if part.whole:
-        return read_source(part.source, text_field), 0
+        return read_source(part.source, text_field, skipped), 0
     path = part.source.key
     try:
         if split_suffix(path)[0] == ".parquet":
             return read_row_groups(path, part.start, part.stop, text_field), 0
-        return read_jsonl_range(path, part.start, part.stop, text_field)
+        return read_jsonl_range(path, part.start, part.stop, text_field, skipped)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read ({describe(exc)})") from None
 
 
-def read_jsonl_range(path: str, start: int, stop: int, text_field: str) -> tuple[list[tuple[str, str]], int]:
+def read_jsonl_range(path: str, start: int, stop: int, text_field: str,
+                     skipped: list | None = None) -> tuple[list[tuple[str, str]], int]:
     """The documents on the lines that start in bytes [start, stop) (the last one read to its end),
     numbered from 1, and how many lines that is."""
     fs, inner = filesystem(path)
@@ -191,7 +198,7 @@ def read_jsonl_range(path: str, start: int, stop: int, text_field: str) -> tuple
         begin, end = line_start(file, start), line_start(file, stop)
         data = file.read_at(end - begin, begin) if begin < stop else b""
         try:
-            docs = read_jsonl(path, data, text_field)
+            docs = read_jsonl(path, data, text_field, skipped=skipped)
         except UserError:  # name the file's own line: count the lines before the range (only now)
             read_jsonl(path, data, text_field, first_line=count_newlines(file, begin) + 1)
             raise
@@ -272,24 +279,65 @@ def source_encoding(path: str, data: bytes, strict: bool = True) -> str:
         return "Python source encoding"
 
 
-def read_jsonl(path: str, data: bytes, text_field: str, first_line: int = 1) -> list[tuple[str, str]]:
+def bad_record(path: str, number: int, reason: str, skipped: list | None) -> None:
+    """A record that cannot be a document: a UserError naming its line (JSONL) or row (CSV), or, with
+    `skipped` (data.on_error=skip), noted there as {"source": "<path>:<number>", "reason": ...}."""
+    if skipped is None:
+        raise UserError(f"{path}:{number}: {reason} ({SKIP_HINT})")
+    skipped.append({"source": f"{path}:{number}", "reason": reason})
+
+
+def read_jsonl(path: str, data: bytes, text_field: str, first_line: int = 1,
+               skipped: list | None = None) -> list[tuple[str, str]]:
+    """One document per non-blank line, ids `<path>:<line>` counted from first_line."""
     docs = []
-    for lineno, record in iter_jsonl(path, io.BytesIO(data), first_line):
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{lineno}: no string field '{text_field}' (data.text_field)")
-        docs.append((f"{path}:{lineno}", record[text_field]))
+    for lineno, raw in enumerate(io.BytesIO(data), start=first_line):
+        if not raw.strip():
+            continue
+        text, problem = record_text(raw, text_field)
+        if problem is None:
+            docs.append((f"{path}:{lineno}", text))
+        else:
+            bad_record(path, lineno, problem, skipped)
     return docs
 
 
-def read_csv(path: str, data: bytes, suffix: str, text_field: str) -> list[tuple[str, str]]:
-    """Rows of a CSV/TSV file with a header line (quoted values may span lines)."""
+def record_text(raw: bytes, text_field: str) -> tuple[str, str | None]:
+    """(text, None) of one JSONL line, or ("", why it is not a document) in a few words, without its content."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "", "invalid JSON line"
+    if not isinstance(record, dict):
+        return "", "not a JSON object"
+    if not isinstance(record.get(text_field), str):
+        return "", f"no string field '{text_field}' (data.text_field)"
+    return record[text_field], None
+
+
+def read_csv(path: str, data: bytes, suffix: str, text_field: str,
+             skipped: list | None = None) -> list[tuple[str, str]]:
+    """Rows of a CSV/TSV file with a header line (quoted values may span lines), ids `<path>:<row>` from 0.
+    A row with more or fewer fields than the header is a bad record; the rows after it keep their numbers."""
     import pyarrow.csv as pacsv
 
+    bad_rows = []  # a handler's exception is lost in pyarrow: note the rows, report them once read
+
+    def invalid_row(row) -> str:
+        bad_rows.append((row.number - 2, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+        return "skip"  # row.number counts from 1, the header
+
     table = pacsv.read_csv(
-        pa.BufferReader(data),
-        parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True),
+        pa.BufferReader(data), read_options=pacsv.ReadOptions(use_threads=False),  # else row.number is None
+        parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True,
+                                         invalid_row_handler=invalid_row),
         convert_options=pacsv.ConvertOptions(column_types={text_field: pa.string()}))
-    return column_docs(path, table, text_field)
+    docs = column_docs(path, table, text_field)
+    for row, reason in bad_rows:
+        bad_record(path, row, reason, skipped)
+    skipped_rows = {row for row, _ in bad_rows}
+    rows = (row for row in itertools.count() if row not in skipped_rows)
+    return [(f"{path}:{next(rows)}", text) for _, text in docs]
 
 
 def read_table_file(path: str, suffix: str, text_field: str) -> list[tuple[str, str]]:

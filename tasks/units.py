@@ -10,7 +10,8 @@ step's work directory (`TaskContext.work_dir`, kept across failed attempts):
 
     units.json                     the keys of this attempt's units, in corpus order
     units/<key>/docs.parquet       the documents that passed the filters (doc_id, text, source)
-    units/<key>/parts.json         per part: counts by drop reason, examples, error, lines, documents
+    units/<key>/parts.json         per part: counts by drop reason, examples, records skipped, error,
+                                   lines, documents
     units/<key>/signatures.npy     MinHash signatures (near-dedup on; loaded with allow_pickle=False)
     units/<key>/_complete.json     written last: each file above with its size and SHA-256
 
@@ -202,7 +203,7 @@ def load(unit_dir: Path) -> list[dict]:
 def whole_files(parts: list[dict]) -> list[dict]:
     """Part results as if each file had been read whole: a file with a failed part is quarantined
     once, with its first error, and its other parts count for nothing; the line numbers of a JSONL
-    range (counted from its first line) become the file's own."""
+    range (counted from its first line), those of its skipped records too, become the file's own."""
     failed: dict[str, str] = {}
     for part in parts:
         if part["error"] is not None:
@@ -227,7 +228,8 @@ def shift_lines(part: dict, offset: int) -> dict:
     shift = lambda source_id: f"{source_id.rpartition(':')[0]}:{int(source_id.rpartition(':')[2]) + offset}"
     return {**part, "docs": [doc._replace(source=shift(doc.source)) for doc in part["docs"]],
             "examples": {reason: [{**e, "source": shift(e["source"])} for e in found]
-                         for reason, found in part["examples"].items()}}
+                         for reason, found in part["examples"].items()},
+            "skipped_examples": [{**e, "source": shift(e["source"])} for e in part["skipped_examples"]]}
 
 
 def progress(work_dir: Path) -> tuple[int, int] | None:

@@ -152,7 +152,7 @@ def test_settings_that_would_be_ignored_stop_at_start(own, tmp_path, experiment,
     proc = lmforge(conf, tmp_path / "runs", "dry_run=true", *overrides, experiment=experiment, expect=2)
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match("error: (\\S*/)?" + message, last), last
-    assert not (tmp_path / "runs" / "ingest").exists()
+    assert not (tmp_path / "runs").exists()  # a run that stops at its checks makes nothing, not even Hydra's folder
 
 
 def test_one_big_file_dropped_as_too_long_names_the_settings(own, tmp_path):

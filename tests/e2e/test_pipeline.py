@@ -59,6 +59,7 @@ def test_first_run_writes_every_step_and_reports(first_run, root):
     for step in summary["steps"]:
         manifest = artifacts.read_manifest(artifacts.step_dir(root, step["name"], step["fingerprint"]))
         assert manifest["fingerprint"] == step["fingerprint"] and manifest["files"]
+    assert not list((root / ".ray_train").iterdir())  # each published training step's attempts are removed
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     evaluate = next(s for s in summary["steps"] if s["name"] == "evaluate")["metrics"]
     for key in ("ppl_unigram", "ppl_pretrained", "ppl_finetuned", "majority_accuracy", "untuned_accuracy",

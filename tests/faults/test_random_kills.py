@@ -34,6 +34,11 @@ def launch(root):
                              *OVERRIDES], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def status_listing(root) -> str:
+    return subprocess.run([sys.executable, "-m", "pipelines.status", "--root", str(root)], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+
+
 def summary_of(output: str) -> dict:
     return json.loads(open(re.search(r"summary JSON:\s+(\S+)", output).group(1)).read())
 
@@ -104,6 +109,8 @@ def test_random_sigkills_of_the_driver_change_nothing_in_the_results(tmp_path, f
         done = [s for s in STEPS if any((killed_root / s).glob("[!.]*"))]
         kills.append(f"{kind} {value:.0f} ({len(done)} steps done)")
         time.sleep(2)  # the embedded Ray's processes notice their driver is gone
+    states = [line.split()[2] for line in status_listing(killed_root).splitlines()[1:]]
+    assert "interrupted" in states and "running" not in states, states  # a SIGKILLed launch is not running
     proc = launch(killed_root)
     output = proc.communicate(timeout=1200)[0]
     assert proc.returncode == 0, output[-3000:]
@@ -127,7 +134,8 @@ def test_random_sigkills_of_the_driver_change_nothing_in_the_results(tmp_path, f
     resumed = [m for out in outputs for m in re.findall(r"resumed from the checkpoint at step \d+", out)]
     adopted = sum(continued[1] in out for out in outputs)
     fault_table(f"driver SIGKILL at {len(kills)} random moments (seed 7)", "SIGKILL at " + ", ".join(kills),
-                f"launch {len(outputs)} finished; results byte-identical to an uninterrupted run",
+                f"killed launches shown as interrupted by pipelines.status; launch {len(outputs)} finished; "
+                f"results byte-identical to an uninterrupted run",
                 f"steps started again: {', '.join(restarted) or 'none'}; {len(resumed)} resumes from a checkpoint, "
                 f"{adopted} finished trainings published without rerunning",
                 "0 (same fingerprints, files, losses)")

@@ -61,7 +61,7 @@ def test_bad_utf8_stops_or_is_quarantined(corpus_dir, tmp_path):
     metrics = run_ingest(DataConfig(paths=[f"{corpus_dir}/*.txt"], on_error="skip"), tmp_path / "b")
     assert metrics["files_quarantined"] == 1 and metrics["docs_kept"] == 1
     quarantined = json.loads((tmp_path / "b" / "quarantine.json").read_text())
-    assert quarantined[0]["source"].endswith("bad.txt")
+    assert quarantined["files"][0]["source"].endswith("bad.txt")
 
 
 def test_corpus_without_usable_documents_is_an_error(corpus_dir, tmp_path):

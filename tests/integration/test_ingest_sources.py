@@ -37,12 +37,17 @@ def save_to_disk_layout(directory, texts) -> None:
     (directory / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
 
 
-def ingested_texts(cfg: DataConfig, out_dir) -> list[str]:
+def ingest_rows(cfg: DataConfig, out_dir) -> tuple[dict, list[dict]]:
+    """The ingest step's metrics and the rows of its shards."""
     out_dir.mkdir()
-    ingest.run(cfg, {}, out_dir, TaskContext("ingest"))
+    metrics = ingest.run(cfg, {}, out_dir, TaskContext("ingest"))
     import pyarrow.parquet as pq
 
-    return [t for shard in ingest.read_shards(out_dir) for t in pq.read_table(shard).column("text").to_pylist()]
+    return metrics, [row for shard in ingest.read_shards(out_dir) for row in pq.read_table(shard).to_pylist()]
+
+
+def ingested_texts(cfg: DataConfig, out_dir) -> list[str]:
+    return [row["text"] for row in ingest_rows(cfg, out_dir)[1]]
 
 
 @pytest.mark.parametrize("name, writer", [
@@ -93,7 +98,60 @@ def test_bad_file_is_a_clear_error_or_quarantined(tmp_path, name):
     cfg.on_error = "skip"
     assert ingested_texts(cfg, tmp_path / "skip") == [TEXTS[0]]
     quarantined = json.loads((tmp_path / "skip" / "quarantine.json").read_text())
-    assert [q["source"] for q in quarantined] == [str(tmp_path / name)]
+    assert [q["source"] for q in quarantined["files"]] == [str(tmp_path / name)]
+    assert quarantined["skipped_records"] == []
+
+
+def test_one_bad_jsonl_line_is_an_error_or_skipped_alone(tmp_path):
+    """Issue 17: 29 good lines and a malformed one. raise: one line naming the file and line and the
+    setting; skip: the 29 documents are kept with their own line numbers, the bad line is counted."""
+    lines = [json.dumps({"text": f"Document number {i} of the corpus, long enough."}) for i in range(30)]
+    lines[12] = '{"text": "cut off'
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(paths=[str(path)])
+    message = rf"^{path}:13: invalid JSON line \(set data.on_error=skip to skip bad records\)$"
+    with pytest.raises(UserError, match=message):
+        ingest_rows(cfg, tmp_path / "raise")
+    cfg.on_error = "skip"
+    metrics, rows = ingest_rows(cfg, tmp_path / "skip")
+    assert (metrics["docs_kept"], metrics["records_skipped"], metrics["files_quarantined"]) == (29, 1, 0)
+    assert [r["source"] for r in rows] == [f"{path}:{n}" for n in range(1, 31) if n != 13]
+    quarantine = json.loads((tmp_path / "skip" / "quarantine.json").read_text())
+    example = {"source": f"{path}:13", "reason": "invalid JSON line"}
+    assert quarantine == {"files": [],
+                          "skipped_records": [{"source": str(path), "records_skipped": 1, "examples": [example]}]}
+
+
+def test_skipped_records_are_counted_per_file_with_a_few_examples(tmp_path):
+    """Every kind of bad JSONL line (bad JSON, invalid UTF-8, not an object, no or a non-string text field)."""
+    good = [json.dumps({"text": f"A good document, number {i}."}) for i in range(4)]
+    bad = ["{not json", "[1, 2]", json.dumps({"title": "no text"}), json.dumps({"text": 5}), "\xff\xfe"]
+    (tmp_path / "a.jsonl").write_bytes(("\n".join(good[:2] + bad + good[2:3])).encode("latin-1"))
+    write_compressed(tmp_path / "b.jsonl.gz", "\n".join(["[]", good[3]]).encode(), "gzip")
+    cfg = DataConfig(paths=[str(tmp_path / "*.jsonl*")], on_error="skip")
+    metrics, rows = ingest_rows(cfg, tmp_path / "out")
+    assert (metrics["docs_in"], metrics["records_skipped"]) == (4, 6)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")
+    assert [r["source"] for r in rows] == [f"{a}:1", f"{a}:2", f"{a}:8", f"{b}:2"]
+    skipped = json.loads((tmp_path / "out" / "quarantine.json").read_text())["skipped_records"]
+    assert [(s["source"], s["records_skipped"]) for s in skipped] == [(a, 5), (b, 1)]
+    assert skipped[0]["examples"] == [{"source": f"{a}:3", "reason": "invalid JSON line"},
+                                      {"source": f"{a}:4", "reason": "not a JSON object"},
+                                      {"source": f"{a}:5", "reason": "no string field 'text' (data.text_field)"}]
+
+
+def test_bad_csv_rows_are_an_error_or_skipped_alone(tmp_path):
+    """A row with more or fewer fields than the header; the rows after it keep their numbers."""
+    path = tmp_path / "t.csv"
+    path.write_text('text,n\n"First row, with a comma",1\nsecond,2,extra\n"Third row\nover two lines",3\nlast\n')
+    with pytest.raises(UserError, match=rf"^{path}:1: expected 2 fields, got 3 \(set data.on_error=skip"):
+        sources.read_source(sources.Source("file", str(path), 0), "text")
+    skipped: list = []
+    docs = sources.read_source(sources.Source("file", str(path), 0), "text", skipped)
+    assert docs == [(f"{path}:0", "First row, with a comma"), (f"{path}:2", "Third row\nover two lines")]
+    assert skipped == [{"source": f"{path}:1", "reason": "expected 2 fields, got 3"},
+                       {"source": f"{path}:3", "reason": "expected 2 fields, got 1"}]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
@@ -132,12 +190,13 @@ def test_reader_survives_arbitrary_bytes(tmp_path, suffix):
             write_compressed(path, data, "gzip" if suffix.endswith(".gz") else "zstd")
         else:
             path.write_bytes(data)
-        try:
-            docs = sources.read_source(sources.Source("file", str(path), len(data)), "text")
-        except UserError as error:
-            assert str(error).startswith(str(path)) and "\n" not in str(error)
-            return
-        assert all(isinstance(text, str) for _, text in docs)
+        for skipped in (None, []):  # data.on_error raise, skip
+            try:
+                docs = sources.read_source(sources.Source("file", str(path), len(data)), "text", skipped)
+            except UserError as error:
+                assert str(error).startswith(str(path)) and "\n" not in str(error)
+                continue
+            assert all(isinstance(text, str) for _, text in docs)
 
     check()
 

@@ -18,8 +18,9 @@ from tests.unit.test_quality import FAILING, prose
 
 
 def write_corpus(corpus) -> DataConfig:
-    """A large JSONL file (duplicates, near-duplicates, filtered and blank lines, a bad line), a Parquet
-    file of many row groups, small text files, a compressed JSONL file; two weighted groups."""
+    """A large JSONL file (duplicates, near-duplicates, filtered and blank lines), one with bad lines
+    (skipped), a Parquet file of many row groups, small text files, a compressed JSONL file and a
+    truncated one (quarantined); two weighted groups."""
     corpus.mkdir()
     texts = [prose(60 + i % 50, i) for i in range(150)]
     texts[40], texts[90] = texts[10], texts[20].replace(texts[20].split()[30], "changed", 1)
@@ -27,12 +28,13 @@ def write_corpus(corpus) -> DataConfig:
     lines = [json.dumps({"text": t}) for t in texts]
     lines[70] = ""
     (corpus / "big.jsonl").write_text("\n".join(lines) + "\n")
-    (corpus / "broken.jsonl").write_text("\n".join(lines[:100] + ["{not json"] + lines[100:120]))
+    (corpus / "broken.jsonl").write_text("\n".join(lines[:100] + ["{not json"] + lines[100:120] + ["[]"]))
     pq.write_table(pa.table({"text": [prose(40, 1000 + i) for i in range(120)] + texts[:5]}), corpus / "rows.parquet",
                    row_group_size=15)
     for i in range(6):
         (corpus / f"note{i}.txt").write_text(prose(30, 2000 + i) if i != 3 else texts[0])
     (corpus / "more.jsonl.gz").write_bytes(gzip.compress("\n".join(lines[:30]).encode()))
+    (corpus / "cut.jsonl.gz").write_bytes(gzip.compress("\n".join(lines[:30]).encode())[:60])
     return DataConfig(paths=[f"{corpus}/*.jsonl", f"{corpus}/*[!l]"], weights=[1.0, 1.5], on_error="skip",
                       near_dedup=NearDedupConfig(enabled=True), docs_per_shard=40)
 
@@ -60,13 +62,15 @@ def test_output_is_byte_identical_for_any_unit_size(tmp_path):
     (metrics, files), (split_metrics, _) = outputs[0], outputs[900]
     assert metrics["units_total"] == 1 and split_metrics["units_total"] > 3 * metrics["sources"]
     assert metrics["dropped_duplicate"] >= 3 and metrics["dropped_near_duplicate"] >= 1
-    assert metrics["files_quarantined"] == 1 and len(files) > 4
+    assert metrics["files_quarantined"] == 1 and metrics["records_skipped"] == 2 and len(files) > 4
     for other_metrics, other_files in outputs.values():
         assert result_metrics(other_metrics) == result_metrics(metrics)
         assert other_files == files
-    quarantined = json.loads(files["quarantine.json"])
-    assert quarantined == [{"source": str(tmp_path / "corpus/broken.jsonl"),
-                            "error": f"{tmp_path / 'corpus/broken.jsonl'}:101: invalid JSON line"}]
+    quarantined, broken = json.loads(files["quarantine.json"]), str(tmp_path / "corpus/broken.jsonl")
+    assert [q["source"] for q in quarantined["files"]] == [str(tmp_path / "corpus/cut.jsonl.gz")]
+    assert quarantined["skipped_records"] == [{"source": broken, "records_skipped": 2, "examples": [
+        {"source": f"{broken}:101", "reason": "invalid JSON line"},
+        {"source": f"{broken}:122", "reason": "not a JSON object"}]}]
 
 
 class Crash(Exception):

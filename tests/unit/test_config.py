@@ -126,3 +126,22 @@ def test_a_switched_method_with_its_own_lr_or_file_passes():
     assert submit.compose(["+experiment=tiny_compare"]).finetunes  # branches composed from their method files
     with pytest.raises(UserError, match=r"^finetunes.lora.lrr: .*did you mean finetunes.lora.lr\?"):
         submit.compose(["+experiment=tiny_compare", "+finetunes.lora.lrr=1"])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["+experiment=tiny", "pretrain.lr=1e6"], "pretrain.lr"),
+    (["+experiment=tiny", "pretrain.max_steps=1000000000"], "pretrain.max_steps"),  # 1e9 itself is a float: Hydra rejects its type
+    (["+experiment=tiny", "pretrain.micro_batch_size=100000"], "pretrain.micro_batch_size"),
+    (["+experiment=tiny", "pretrain.global_batch_size=1048576"], "pretrain.global_batch_size"),
+    (["+experiment=tiny", "finetune.lr=2"], "finetune.lr"),
+    (["+experiment=tiny", "finetune.max_epochs=5000"], "finetune.max_epochs"),
+    (["+experiment=tiny_compare", "finetunes.full.lr=10"], "finetunes.full.lr"),
+])
+def test_absurd_values_stop_with_the_key_and_what_is_sensible(overrides, key):
+    """Issue 17: values no run means (a learning rate of a million) passed every check."""
+    cfg = compose_config(overrides)
+    with pytest.raises(UserError, match=rf"^{re.escape(key)}: must be at most [0-9e+.]+, got .+ \(.+\)$"):
+        validate(cfg)
+    if key.endswith(".lr"):
+        with pytest.raises(UserError, match="a learning rate above 1 diverges; typical values 1e-4..1e-2"):
+            validate(cfg)

@@ -1,7 +1,11 @@
 """pipelines.status on a fabricated artifact root and fabricated MLflow runs (no Ray, no MLflow)."""
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,3 +88,44 @@ def test_a_finished_run_is_read_from_its_summary(root, tmp_path, capsys, monkeyp
     assert "run run1 (tiny): finished" in out and "node-wor" in out and str(root / "tokenize" / "b2") in out
     assert status.main(["--root", str(root), "nope"]) == 2
     assert not (root / "mlflow.db").exists()
+
+
+def live_marker(root, run_id, pid, age_s=1.0):
+    path = locks.lock_path(root, "runs", run_id, kind="live")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": time.time()}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("marker,remote,expected", [
+    ("alive", False, "running"),
+    ("dead holder", False, "interrupted"),  # SIGKILLed: seen at once, not after the heartbeat goes stale
+    ("stale", False, "interrupted"),  # a launch on another machine that stopped beating
+    (None, False, "interrupted"),
+    (None, True, "running"),  # a URI root: the marker is on the launching machine
+])
+def test_a_run_mlflow_calls_running_is_running_only_while_its_launch_holds_the_live_marker(
+        tmp_path, marker, remote, expected):
+    pid = {"alive": os.getpid(), "dead holder": dead_pid(), "stale": os.getpid()}.get(marker)
+    if marker:
+        live_marker(tmp_path, "run1", pid, age_s=locks.STALE_S + 5 if marker == "stale" else 1.0)
+    parent = {"run_id": "run1", "status": "RUNNING", "tags": {}}
+    assert status.run_state(tmp_path, parent, remote_root=remote) == expected
+    assert status.run_state(tmp_path, {**parent, "status": "FAILED"}, remote_root=remote) == "failed"
+
+
+def test_a_failed_step_shows_its_error_line_and_a_missing_root_is_an_error(root, tmp_path, capsys):
+    failed = child("taskdata", "d4", "FAILED", "run", 20, 10)
+    failed["tags"]["lmforge.error"] = "task.train_path: no such file /data/train.csv"
+    rows = status.run_steps(root, None, [failed])
+    status.print_steps(rows)
+    assert "error: task.train_path: no such file /data/train.csv" in capsys.readouterr().out
+
+    assert status.main(["--root", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder of runs" in capsys.readouterr().err

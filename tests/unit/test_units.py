@@ -34,16 +34,21 @@ def test_units_group_small_files_split_large_ones_and_keep_the_rest_whole(tmp_pa
     assert units.unit_bytes(found, 0) == units.AUTO_MIN_BYTES
 
 
-def read_as_whole_file(part_list: list[Part]) -> list[tuple[str, str]]:
-    """What the merge sees of a file read in pieces (tasks.units.whole_files)."""
+def read_as_whole_file(part_list: list[Part], skipped: list | None = None) -> list[tuple[str, str]]:
+    """What the merge sees of a file read in pieces (tasks.units.whole_files); with `skipped`
+    (data.on_error=skip), the bad records of all pieces are added there, numbered in the file."""
+    from tasks.mixing import Doc
+
     results = []
     for part in part_list:
-        docs, lines = sources.read_part(part, "text")
-        from tasks.mixing import Doc
-
+        part_skipped = None if skipped is None else []
+        docs, lines = sources.read_part(part, "text", part_skipped)
         results.append({"source": part.source.key, "docs": [Doc("", t, i, part.source.key) for i, t in docs],
-                        "examples": {}, "lines": lines, "error": None})
-    return [(d.source, d.text) for r in units.whole_files(results) for d in r["docs"]]
+                        "examples": {}, "lines": lines, "error": None, "skipped_examples": part_skipped or []})
+    merged = units.whole_files(results)
+    if skipped is not None:
+        skipped += [e for r in merged for e in r["skipped_examples"]]
+    return [(d.source, d.text) for r in merged for d in r["docs"]]
 
 
 @pytest.mark.parametrize("uri", [False, True])
@@ -67,8 +72,28 @@ def test_bad_line_in_a_later_range_names_the_files_own_line(tmp_path):
     path.write_text("\n".join([json.dumps({"text": f"line {i}"}) for i in range(30)] + ["{broken"]))
     source = file_source(path)
     last = units.split(source, 50)[-1]
-    with pytest.raises(UserError, match=rf"^{path}:31: invalid JSON line$"):
+    with pytest.raises(UserError, match=rf"^{path}:31: invalid JSON line \({sources.SKIP_HINT}\)$"):
         sources.read_part(last, "text")
+
+
+def test_skipped_lines_of_jsonl_ranges_keep_the_files_own_numbers(tmp_path):
+    """data.on_error=skip: the bad lines of every range are reported with the file's line numbers, and
+    the good lines keep theirs, whatever the range size."""
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(40)]
+    lines[3], lines[17], lines[35] = "{broken", "[1, 2]", json.dumps({"text": 7})
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    source = file_source(path)
+    whole_skipped: list = []
+    whole = sources.read_source(source, "text", whole_skipped)
+    assert [s for s, _ in whole] == [f"{path}:{n}" for n in range(1, 41) if n not in (4, 18, 36)]
+    assert whole_skipped == [{"source": f"{path}:4", "reason": "invalid JSON line"},
+                             {"source": f"{path}:18", "reason": "not a JSON object"},
+                             {"source": f"{path}:36", "reason": "no string field 'text' (data.text_field)"}]
+    for target in (30, 100, 333):
+        skipped: list = []
+        assert read_as_whole_file(units.split(source, target), skipped) == whole, target
+        assert skipped == whole_skipped, target
 
 
 def test_parquet_row_groups_read_as_the_whole_file(tmp_path):
@@ -115,5 +140,9 @@ def test_jsonl_pieces_of_arbitrary_bytes_read_as_the_whole_file(tmp_path):
         source = Source("file", str(path), len(data))
         assert outcome(lambda: read_as_whole_file(units.split(source, target))) == \
             outcome(lambda: sources.read_source(source, "text"))
+        skipped_in_pieces, skipped_whole = [], []  # data.on_error=skip: the same records kept and skipped
+        assert outcome(lambda: read_as_whole_file(units.split(source, target), skipped_in_pieces)) == \
+            outcome(lambda: sources.read_source(source, "text", skipped_whole))
+        assert skipped_in_pieces == skipped_whole
 
     check()
