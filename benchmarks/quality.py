@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.run import with_interval
+from pipelines.report import with_interval
 from tasks import baselines
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,9 @@ a pruned/int8 copy of the model (eval.quantize, metrics int8_*), with size on di
 of the served float model (served_mb, served_tokens_per_s) always reported.
 
 A classification head is scored by the log-softmax of its logits (batched). A language model is
-scored by label likelihood: each example's candidate labels form one batch (prompt + " label" +
-EOS, right-padded), so a score never depends on the evaluation batch size; ties go to the first
+scored by label likelihood (tasks/labelscore.py): each example's prompt once, then every candidate
+(" label" + EOS) in one sequence whose attention mask keeps the candidates apart, examples batched
+with right padding, so a score never depends on the evaluation batch size; ties go to the first
 label in sorted order. The fine-tuned perplexity of a classifier is that of its decoder under the
 pretrained output head: it shows whether fine-tuning kept the language model.
 
@@ -35,7 +36,8 @@ from tasks import quantize
 from tasks.augment import perturb_records
 from tasks.common import Progress, TaskContext, write_json, write_jsonl
 from tasks import baselines
-from tasks.finetune import class_example, collate, collate_classes
+from tasks.finetune import class_example, collate_classes
+from tasks.labelscore import can_pack, label_log_likelihoods, packed_label_log_likelihoods
 from tasks.models import is_classifier, load_base_model, load_tuned, tuned_language_model
 from tasks.taskdata import encode_example, load_labels, load_split, render, target_of
 from tasks.tokenize import load_split as load_tokens
@@ -60,20 +62,6 @@ def unigram_nll(train_rows: np.ndarray, rows: np.ndarray, vocab_size: int) -> fl
     counts = np.bincount(np.asarray(train_rows).reshape(-1), minlength=vocab_size).astype(np.float64) + 1.0
     log_probs = np.log(counts / counts.sum())
     return float(-log_probs[np.asarray(rows)[:, 1:].astype(np.int64)].mean())
-
-
-@torch.no_grad()
-def label_log_likelihoods(model, tokenizer, record: dict, labels: list[str], task: TaskConfig,
-                          max_length: int) -> list[float]:
-    """Summed log-probability of each candidate label (+EOS) after the record's prompt."""
-    examples = [encode_example(tokenizer, {**record, "label": label}, task, max_length) for label in labels]
-    batch = collate(examples, tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=1).tolist()
 
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -134,6 +122,8 @@ def classify(model, tokenizer, records: list[dict], labels: list[str], task: Tas
     log-probabilities, or else each label's log-likelihood after the prompt."""
     if is_classifier(model):
         return head_log_probs(model, tokenizer, records, labels, task, max_length, progress)
+    if can_pack(model):
+        return packed_label_log_likelihoods(model, tokenizer, records, labels, task, max_length, progress)
     scores = []
     for record in records:
         scores.append(label_log_likelihoods(model, tokenizer, record, labels, task, max_length))

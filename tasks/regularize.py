@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conf.schema import FinetuneConfig
+from tasks.labelscore import label_log_likelihoods
 
 IGNORE_INDEX = -100
 
@@ -83,7 +84,6 @@ def accuracy_measure(engine, tokenizer, records: list[dict], labels: list[str], 
     """Validation accuracy by label likelihood on this rank's share of `records`, summed over ranks."""
     import numpy as np
 
-    from tasks.evaluate import label_log_likelihoods
     from tasks.training import all_reduce_sum
 
     def measure() -> float:

@@ -274,13 +274,24 @@ def encode_example(tokenizer, record: dict, cfg: TaskConfig, max_length: int) ->
     input is cut (its end; for a conversation its beginning) so the template's tail and the
     whole target always fit."""
     head, body, tail, target = render(record, cfg)
+    target_ids = encode_target(tokenizer, target)
+    prompt_ids = encode_prompt(tokenizer, (head, body, tail), cfg.kind, max_length, len(target_ids))
+    return prompt_ids + target_ids, len(prompt_ids)
+
+
+def encode_target(tokenizer, target: str) -> list[int]:
+    """A target's token ids (`render` gives it its leading space) and EOS."""
+    return tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def encode_prompt(tokenizer, parts: tuple[str, str, str], kind: str, max_length: int, target_length: int) -> list[int]:
+    """Token ids of a prompt from `render`'s (head, input, tail), the input cut (its end; for a
+    conversation its beginning) so that the tail and a target of target_length tokens fit in max_length."""
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False) if s else []
-    head_ids, body_ids, tail_ids = encode(head), encode(body), encode(tail)
-    target_ids = encode(target) + [tokenizer.eos_token_id]
-    room = max_length - len(head_ids) - len(tail_ids) - len(target_ids)
+    head_ids, body_ids, tail_ids = (encode(part) for part in parts)
+    room = max_length - len(head_ids) - len(tail_ids) - target_length
     if room < 1:
         raise UserError(f"finetune.max_length ({max_length}) leaves no room for the input of a record "
                         f"(template and target take {max_length - room} tokens)")
-    kept = body_ids[-room:] if cfg.kind == "chat" else body_ids[:room]
-    prompt_ids = head_ids + kept + tail_ids
-    return prompt_ids + target_ids, len(prompt_ids)
+    kept = body_ids[-room:] if kind == "chat" else body_ids[:room]
+    return head_ids + kept + tail_ids

@@ -78,3 +78,14 @@ def fault_table():
                 table.write(json.dumps(row) + "\n")
 
     return record
+
+
+FULL_SUITE_DIRS = ("e2e", "faults")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests under tests/e2e and tests/faults run whole pipelines in subprocesses: marked `e2e`, left
+    out of the fast tier (`-m "not e2e and not slow"`), which is what a developer runs between changes."""
+    for item in items:
+        if Path(item.fspath).parent.name in FULL_SUITE_DIRS:
+            item.add_marker(pytest.mark.e2e)

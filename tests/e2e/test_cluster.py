@@ -29,8 +29,6 @@ from pipelines import artifacts
 from tests.conftest import REPO
 from tests.integration.test_resume import free_port
 
-pytestmark = pytest.mark.e2e
-
 STEPS = ["ingest", "tokenize", "pretrain", "taskdata", "decontaminate", "finetune", "evaluate"]
 RAY = str(Path(sys.executable).parent / "ray")
 

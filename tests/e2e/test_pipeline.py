@@ -157,9 +157,11 @@ def test_missing_corpus_fails_before_any_work(root, tmp_path):
     assert not (tmp_path / "ingest").exists()
 
 
-def test_failed_step_leaves_no_result_and_is_retried(first_run, root):
+def test_failed_step_leaves_no_result_and_the_next_launch_runs_it_again(first_run, root):
     proc, _ = pipeline(root, "tokenizer.val_fraction=0.0001", expect=2)
     assert "error: tokenizer.seq_len: the val split has fewer than" in proc.stderr
     results = [d for d in (root / "tokenize").iterdir() if artifacts.read_manifest(d)]
     assert len(results) == 1  # only the first run's; nothing staged is left behind
     assert not [d for d in (root / "tokenize").iterdir() if d.name.startswith(".staging")]
+    again, _ = pipeline(root, "tokenizer.val_fraction=0.0001", "dry_run=true")
+    assert re.search(r"ingest\s+cached", again.stdout) and re.search(r"tokenize\s+run\s+\w+\s+config changed", again.stdout)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from conf.schema import TaskConfig
 from tasks import sources, taskdata
 from tasks.common import UserError
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -29,11 +31,14 @@ RECORDS = st.dictionaries(FIELD_NAMES, JSON_VALUES | st.lists(st.fixed_dictionar
     {"role": st.sampled_from(["user", "assistant", "robot"]), "content": JSON_VALUES}), max_size=3), max_size=4)
 
 
-def written(suffix: str, data: bytes) -> Path:
-    directory = Path(tempfile.mkdtemp())
-    path = directory / f"data{suffix}"
-    path.write_bytes(data)
-    return path
+@contextmanager
+def written(suffix: str, data: bytes) -> Iterator[Path]:
+    """The data as a file in a directory of its own, removed after the example (hypothesis runs
+    hundreds; a function-scoped tmp_path would be shared between them)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"data{suffix}"
+        path.write_bytes(data)
+        yield path
 
 
 def read_task(path: Path, kind: str):
@@ -46,40 +51,41 @@ def read_task(path: Path, kind: str):
     return records
 
 
+def read_corpus(path: Path, size: int) -> None:
+    try:
+        docs = sources.read_source(sources.Source("file", str(path), size), "text")
+    except UserError as error:
+        assert str(path) in str(error)
+        return
+    assert all(isinstance(text, str) for _, text in docs)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv", ".parquet"])
 @SETTINGS
 @given(data=DATA, kind=st.sampled_from(sorted(taskdata.FIELDS)))
 def test_task_reader_survives_arbitrary_bytes(suffix, data, kind):
-    read_task(written(suffix, data), kind)
+    with written(suffix, data) as path:
+        read_task(path, kind)
 
 
 @SETTINGS
 @given(records=st.lists(RECORDS | JSON_VALUES, min_size=1, max_size=5), kind=st.sampled_from(sorted(taskdata.FIELDS)))
 def test_task_reader_survives_arbitrary_json_records(records, kind):
     text = "\n".join(json.dumps(r) for r in records)
-    read_task(written(".jsonl", text.encode()), kind)
+    with written(".jsonl", text.encode()) as path:
+        read_task(path, kind)
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".py", ".jsonl", ".parquet"])
 @SETTINGS
 @given(data=DATA)
 def test_corpus_reader_survives_arbitrary_bytes(suffix, data):
-    path = written(suffix, data)
-    try:
-        docs = sources.read_source(sources.Source("file", str(path), len(data)), "text")
-    except UserError as error:
-        assert str(path) in str(error)
-        return
-    assert all(isinstance(text, str) for _, text in docs)
+    with written(suffix, data) as path:
+        read_corpus(path, len(data))
 
 
 @SETTINGS
 @given(records=st.lists(RECORDS | JSON_VALUES, min_size=1, max_size=5))
 def test_corpus_reader_survives_arbitrary_json_records(records):
-    path = written(".jsonl", "\n".join(json.dumps(r) for r in records).encode())
-    try:
-        docs = sources.read_source(sources.Source("file", str(path), 0), "text")
-    except UserError as error:
-        assert str(path) in str(error)
-        return
-    assert all(isinstance(text, str) for _, text in docs)
+    with written(".jsonl", "\n".join(json.dumps(r) for r in records).encode()) as path:
+        read_corpus(path, 0)

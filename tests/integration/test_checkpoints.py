@@ -138,7 +138,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(single_rank, tmp_path):
 
 @pytest.mark.parametrize("switch,stage,steps,tolerance", [
     ("offload_optimizer", 2, 4, 1e-5),
-    ("compile", 1, 3, 1e-4),  # inductor may reorder float sums
+    pytest.param("compile", 1, 3, 1e-4, marks=pytest.mark.slow),  # inductor may reorder float sums; compiling takes ~50 s
 ])
 def test_placement_switch_gives_the_same_losses(single_rank, tmp_path, switch, stage, steps, tolerance):
     plain, switched = fresh_dir(tmp_path, "plain"), fresh_dir(tmp_path, switch)
@@ -162,6 +162,7 @@ def test_an_attempt_whose_directory_was_taken_over_stops_without_writing(single_
     assert sorted(p.name for p in (out_dir / "checkpoints").glob("step*")) == ["step00000002"]  # none after step 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_nodes_that_share_no_directory_resume_through_the_store(single_rank, tmp_path, stage):
     """Two ranks as two nodes, each with its own directory, and a file:// store between them (what

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tasks import ingest, tokenize
 from tasks.common import TaskContext
 from tests.conftest import REPO, compose_config
@@ -35,6 +37,7 @@ def last_logged_step(out_dir) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_with_identical_losses(tmp_path):
     cfg = compose_config(["+experiment=tiny"])
     ingest_dir, tokenize_dir = tmp_path / "ingest", tmp_path / "tokenize"

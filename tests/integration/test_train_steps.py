@@ -6,11 +6,12 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from conf.schema import EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig
-from tasks import evaluate, finetune, ingest, models, pretrain, taskdata, tokenize
+from tasks import evaluate, finetune, ingest, labelscore, models, pretrain, taskdata, tokenize
 from tasks.common import TaskContext
 
 
@@ -176,19 +177,28 @@ def test_replay_trains_the_language_model_through_the_tied_head(steps, tmp_path)
 
 
 def test_label_scores_do_not_depend_on_what_else_is_scored(steps):
-    """Each example is scored on its own batch of candidates: the same scores alone or in a run."""
+    """Each example is scored on its own batch of candidates: the same scores alone or in a run; packed
+    (the prompt once, every candidate after it under one mask, examples batched) the same scores again."""
     from transformers import AutoTokenizer
 
     cfg, dirs, _ = steps
     model = models.load_base_model(dirs["pretrain"] / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(dirs["pretrain"] / "model")
-    records = taskdata.load_split(dirs["taskdata"], "test")[:4]
     labels = taskdata.load_labels(dirs["taskdata"])
-    alone = [evaluate.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 96) for r in records]
-    again = [evaluate.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 96) for r in reversed(records)]
+    fits = lambda r: all(len(taskdata.encode_example(tokenizer, {**r, "label": label}, cfg.task, 10**4)[0]) <= 256
+                         for label in labels)  # no input cut: both ways see the same prompts
+    records = [r for r in taskdata.load_split(dirs["taskdata"], "test") + taskdata.load_split(dirs["taskdata"], "val")
+               if fits(r)][:6]
+    assert len(records) >= 3
+    alone = [labelscore.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 256) for r in records]
+    again = [labelscore.label_log_likelihoods(model, tokenizer, r, labels, cfg.task, 256) for r in reversed(records)]
     assert alone == again[::-1]
+    for batch_size in (1, 4):
+        packed = labelscore.packed_label_log_likelihoods(model, tokenizer, records, labels, cfg.task, 256,
+                                                         batch_size=batch_size)
+        assert np.allclose(packed, alone, atol=1e-4), (packed, alone)
     # right padding: a shorter candidate's score equals its score computed without any padding
-    ids, start = taskdata.encode_example(tokenizer, {**records[0], "label": labels[0]}, cfg.task, 96)
+    ids, start = taskdata.encode_example(tokenizer, {**records[0], "label": labels[0]}, cfg.task, 256)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
     unpadded = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))

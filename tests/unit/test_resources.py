@@ -30,9 +30,14 @@ def test_an_autoscaler_that_can_grow_the_cluster_lets_it_start(tmp_path, capsys)
         executor.check_resources(steps, {"CPU": 64, "GPU": 0}, {"CPU": 128, "GPU": 2})
 
 
-def test_cached_training_steps_need_nothing(tmp_path):
+def test_cached_training_steps_need_nothing(tmp_path, capsys):
     steps = planned(tmp_path, "pretrain.use_gpu=true", "pretrain.num_workers=4")
-    executor.check_resources([dataclasses.replace(s, status="cached") for s in steps], {"CPU": 1, "GPU": 0})
+    with pytest.raises(UserError, match=r"^pretrain.num_workers x cpus_per_worker needs "):  # to run, they do not fit
+        executor.check_resources(steps, {"CPU": 1, "GPU": 0})
+    cached = [dataclasses.replace(s, status="cached") for s in steps]
+    executor.check_resources(cached, {"CPU": 1, "GPU": 0})
+    executor.check_resources(cached, {"CPU": 1, "GPU": 0}, {"CPU": 128, "GPU": 8})  # nor is growth announced
+    assert capsys.readouterr().out == ""
 
 
 def test_the_autoscaler_ceiling_comes_from_the_config_it_publishes(monkeypatch):

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
 from conf.schema import TaskConfig, TrainConfig
-from tasks import evaluate, finetune, ingest, taskdata, tokenize, training
+from tasks import evaluate, finetune, ingest, labelscore, taskdata, tokenize, training
 from tasks.common import UserError
 
 
@@ -232,7 +234,6 @@ def test_unigram_baseline_uses_the_model_targets():
 @pytest.mark.parametrize("size", ["tiny", "small", "25m", "125m", "350m", "1b"])
 def test_model_sizes_and_flops_per_token_agree_with_the_model(size):
     """Every matrix-multiply weight is counted once in FLOPs per token (the tied head included)."""
-    import torch
 
     from tasks.pretrain import build_model, count_parameters, flops_per_token
     from tests.conftest import compose_config
@@ -314,7 +315,6 @@ def test_quality_warnings_flag_a_model_that_does_not_beat_a_baseline():
 def test_contextual_calibration_removes_the_prompt_prior():
     """A model that adds the same bias to one label for every input: calibration against content-free
     inputs takes it out, length normalisation divides by the label's tokens (+EOS)."""
-    import torch
 
     class Biased(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None):
@@ -332,7 +332,7 @@ def test_contextual_calibration_removes_the_prompt_prior():
     variants = evaluate.likelihood_variants(Biased(), Tok(), [[-1.0, -4.0], [-1.0, -4.0]], ["a", "b"], task, 32)
     assert variants["lengthnorm"][0] == [-0.5, -4.0 / 3]
     # the same scores as the content-free inputs: calibrated, both labels are equally likely
-    summed = [evaluate.label_log_likelihoods(Biased(), Tok(), {"text": "x", "label": "a"}, ["a", "b"], task, 32)]
+    summed = [labelscore.label_log_likelihoods(Biased(), Tok(), {"text": "x", "label": "a"}, ["a", "b"], task, 32)]
     calibrated = evaluate.likelihood_variants(Biased(), Tok(), summed, ["a", "b"], task, 32)["calibrated"][0]
     assert calibrated[0] == pytest.approx(calibrated[1])
 
@@ -342,3 +342,16 @@ def test_drop_hint_names_the_setting_behind_the_biggest_reason():
         "dropped as too_long: see data.filters.max_doc_chars (or cut big text files into paragraph documents "
         "with data.text_chunk_chars)")
     assert ingest.drop_hint({"duplicate": 2}) == ""
+
+
+def test_packed_candidates_see_the_prompt_and_themselves_only():
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])  # prompt, candidate 1, candidate 2, padding
+    allowed = labelscore.packed_attention_mask(segments, torch.float32)[0, 0] == 0
+    assert allowed[3].tolist() == [True, True, True, True, False, False, False]  # candidate 1: prompt + itself
+    assert allowed[5].tolist() == [True, True, False, False, True, True, False]  # candidate 2 skips candidate 1
+    assert allowed[1].tolist() == [True, True, False, False, False, False, False]  # causal within the prompt
+    assert allowed[:, 6].tolist() == [False] * 6 + [True]  # no token sees padding, which sees itself (no empty row)
+    # each candidate's first token is predicted at the prompt's last position, the rest at their own
+    log_probs = torch.log(torch.full((6, 5), 0.2))
+    log_probs[1, 3], log_probs[3, 2] = 0.0, -9.0
+    assert labelscore.target_scores(log_probs, 2, [[3, 4], [3]]) == pytest.approx([0.0 + math.log(0.2), 0.0])

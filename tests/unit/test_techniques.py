@@ -157,6 +157,7 @@ def test_generation_ensemble_decodes_on_mean_token_log_probabilities():
 def test_generation_ensemble_step_loads_its_members_and_reports_beside_them(tmp_path):
     """The ensemble step on a generation task: two fully fine-tuned members on disk (as finetune
     writes them), their evaluate reports, and the ensemble scored with exact match and chrF."""
+    from sacrebleu.metrics import CHRF
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -180,16 +181,26 @@ def test_generation_ensemble_step_loads_its_members_and_reports_beside_them(tmp_
         member_inputs[name] = {"pretrain": str(pretrain), "finetune": str(tmp_path / f"finetune_{name}")}
     taskdata = tmp_path / "taskdata"
     taskdata.mkdir()
-    write_jsonl(taskdata / "test.jsonl", [{"prompt": f"question {i}", "completion": f"answer {i * 7}"} for i in range(3)])
+    test = [{"prompt": f"question {i}", "completion": f"answer {i * 7}"} for i in range(3)]
+    write_jsonl(taskdata / "test.jsonl", test)
     task = TaskConfig(kind="generation", prompt_template="{prompt} ->")
     cfg = EnsembleStepConfig(EvalConfig(max_examples=2, max_new_tokens=3), task, {n: str(d) for n, d in dirs.items()},
                              member_inputs, max_length=32)
     (tmp_path / "out").mkdir()
     metrics = ensemble.run(cfg, {"taskdata": taskdata}, tmp_path / "out", TaskContext("ensemble"))
     assert metrics["a_chrf"] == 0.0 and metrics["b_chrf"] == 1.0  # the members' own scores, from their reports
-    assert metrics["ensemble_exact_match"] == 0.0 and metrics["ensemble_chrf"] >= 0
+    assert metrics["ensemble_exact_match"] == 0.0  # untrained members answer nonsense
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["members"] == ["a", "b"] and len(report["examples"]) == 2
+    # With the first answer made the ensemble's own (the prompts, so the decoding, are unchanged):
+    # exact match 1/2, and chrF is what sacrebleu gives those outputs against those answers.
+    outputs = [example["ensemble"] for example in report["examples"]]
+    test[0]["completion"] = outputs[0]
+    write_jsonl(taskdata / "test.jsonl", test)
+    metrics = ensemble.run(cfg, {"taskdata": taskdata}, tmp_path / "out", TaskContext("ensemble"))
+    expected = CHRF().corpus_score(outputs, [[r["completion"] for r in test[:2]]]).score
+    assert 0 < expected < 100 and metrics["ensemble_chrf"] == pytest.approx(expected)
+    assert metrics["ensemble_exact_match"] == 0.5
 
 
 def test_int8_model_is_smaller_reloads_weights_only_and_pruning_zeroes_weights(tmp_path):
