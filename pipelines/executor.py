@@ -372,7 +372,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
     try:
         if nodes and training:
             run_training_step(item, inputs, staging, log_metrics, root, nodes, base)
-            artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # published by rank 0
+            artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # published by rank 0; kept on failure
             return nodes.here()[1].manifest(item.step.base, item.fingerprint)
         if nodes:
             import ray
@@ -387,9 +387,7 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         full = out_of_space(error, staging)
         if not training and not nodes:  # a training step keeps its checkpoints for the next attempt
             shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
-            tracker.set_tags(run_id, {"lmforge.error": failure_line(error)})
-            tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")
+        record_failure(tracker, run_id, error)
         if full:
             raise DiskFull(f"{item.step.name}: no space left on the device of {staging.parent.parent} "
                            f"({type(error).__name__}: {error_line(error)}); free some space and rerun: finished "
@@ -397,7 +395,8 @@ def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, track
         raise
     manifest = artifacts.publish(staging, item.out_dir, finished(base, inputs, metrics, node_ids))
     shutil.rmtree(work_dir, ignore_errors=True)  # a data step's finished work units (a training step's moved)
-    artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # a training step's; kept when an attempt fails
+    if training:
+        artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # kept when an attempt fails
     return manifest
 
 
@@ -414,13 +413,25 @@ def root_error(exc: BaseException) -> BaseException:
             return exc
 
 
-def failure_line(exc: BaseException) -> str:
-    """What went wrong, in one line with secrets masked: the UserError (bad input or config) behind
-    the error if there is one, else the original error's type and first line."""
-    error = root_error(exc)
-    link = error
-    while link is not None:
-        if isinstance(link, (UserError, DiskFull, Preempted)):
-            return redact_text(str(link))
+def cause_of(exc: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first error of `kinds` behind exc: Ray's wrappers unwrapped, then its chain of causes."""
+    link = root_error(exc)
+    while link is not None and not isinstance(link, kinds):
         link = link.__cause__
-    return redact_text(f"{type(error).__name__}: {error_line(error)}")
+    return link
+
+
+def failure_line(exc: BaseException) -> str:
+    """What went wrong, in one line with secrets masked: the UserError (bad input or config), full disk or
+    stop behind the error if there is one, else the original error's type and first line."""
+    told = cause_of(exc, (UserError, DiskFull, Preempted))
+    error = root_error(exc)
+    return redact_text(str(told) if told else f"{type(error).__name__}: {error_line(error)}")
+
+
+def record_failure(tracker: Tracker, run_id: str, error: BaseException) -> None:
+    """A run (a step's, or the pipeline's parent) ended by an error: its one-line reason as a tag, KILLED
+    when a stop signal ended it, else FAILED. Recording must not hide the error (a full disk)."""
+    with contextlib.suppress(Exception):
+        tracker.set_tags(run_id, {"lmforge.error": failure_line(error)})
+        tracker.end(run_id, "KILLED" if isinstance(error, Preempted) else "FAILED")

@@ -69,7 +69,7 @@ def candidate(path: Path, reason: str, keep: bool = False, guards: tuple[Path, .
 
 
 def step_guards(step_dir: Path, fingerprint: str) -> tuple[Path, ...]:
-    return tuple(step_dir / f".{kind}-{fingerprint}" for kind in LOCK_KINDS)
+    return tuple(locks.lock_path(step_dir.parent, step_dir.name, fingerprint, kind) for kind in LOCK_KINDS)
 
 
 def live_holder(guards: tuple[Path, ...]) -> str | None:

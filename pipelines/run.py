@@ -75,9 +75,8 @@ def execute(planned: list[dag.PlannedStep], root: Path, tracker: tracking.Tracke
         with stopping.STOP:
             return executor.execute(planned, root, tracker, resources, step_store, nodes)
     except BaseException as error:
-        with contextlib.suppress(Exception):  # recording the failure must not hide it (a full disk)
-            tracker.set_tags(run_id, {"lmforge.error": executor.failure_line(error)})
-            tracker.end(run_id, "KILLED" if isinstance(error, stopping.Preempted) else "FAILED")
+        executor.record_failure(tracker, run_id, error)
+        with contextlib.suppress(Exception):  # reporting must not hide the error either
             report.report_tracking(tracker.finish(), tracker.uri)
         raise
 
@@ -127,10 +126,7 @@ def write_run_record(dict_cfg: DictConfig) -> None:
 
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """One line for the user, and whether it is a UserError (bad input or config)."""
-    link, is_user_error = executor.root_error(exc), False
-    while link is not None and not is_user_error:
-        is_user_error, link = isinstance(link, UserError), link.__cause__
-    return executor.failure_line(exc), is_user_error
+    return executor.failure_line(exc), executor.cause_of(exc, (UserError,)) is not None
 
 
 @contextlib.contextmanager
