@@ -519,6 +519,9 @@ class Config:
     """Name of this experiment (MLflow run name)."""
     dry_run: bool = False
     """Print the plan (run/cached and why) and stop."""
+    until: str = ""
+    """Run only this step and the steps it needs (e.g. `until=pretrain`; a step with branches, such as
+    `until=finetune`, takes every branch, `until=finetune.lora` one). Empty: the whole graph."""
 
 
 @dataclass

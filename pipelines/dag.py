@@ -19,6 +19,7 @@ from pipelines import artifacts
 from pipelines.redaction import redact
 from tasks import (decontaminate, ensemble, evaluate, finetune, ingest, pretrain, sources, taskdata, tokenize,
                    tokenizer_files, units)
+from tasks.common import UserError
 
 
 def identity(section: Any) -> Any:
@@ -108,16 +109,19 @@ class Step:
 STEPS = (
     Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity),
     Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",), identity=tokenize_identity),
-    Step("pretrain", 1, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
+    Step("pretrain", 2, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
          train=lambda s: s.pretrain),
     Step("taskdata", 1, taskdata.run, lambda c: c.task, identity=taskdata_identity),
     Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata")),
-    Step("finetune", 2, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
+    Step("finetune", 3, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
          ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
     Step("evaluate", 2, evaluate.run,
          lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
          ("tokenize", "pretrain", "taskdata", "finetune"), identity=evaluate_identity),
 )
+VERSIONS = {step.name: step.version for step in STEPS}
+"""Raised when a step's results change with the same config: pretrain 2 and finetune 3 (control 2)
+export model cards and generation defaults, with the tokenizer's BOS id in config.json."""
 
 
 def control_section(c: Config) -> FinetuneStepConfig:
@@ -127,7 +131,7 @@ def control_section(c: Config) -> FinetuneStepConfig:
     return FinetuneStepConfig(dataclasses.replace(ft, init="random", method="full", replay_fraction=0.0), c.task)
 
 
-CONTROL = Step("control", 1, finetune.train_worker, control_section, ("pretrain", "taskdata"),
+CONTROL = Step("control", 2, finetune.train_worker, control_section, ("pretrain", "taskdata"),
                train=lambda s: s.finetune, identity=finetune_identity)
 
 
@@ -148,9 +152,9 @@ def with_control(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
 
 def branch_steps(name: str, ft) -> tuple[Step, Step]:
     """finetune.<name> and evaluate.<name> for one entry of `finetunes`."""
-    tune = Step(f"finetune.{name}", 2, finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
+    tune = Step(f"finetune.{name}", VERSIONS["finetune"], finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
                 ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity, kind="finetune")
-    judge = Step(f"evaluate.{name}", 2, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
+    judge = Step(f"evaluate.{name}", VERSIONS["evaluate"], evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
                  ("tokenize", "pretrain", "taskdata", tune.name), identity=evaluate_identity, kind="evaluate")
     return tune, judge
 
@@ -179,12 +183,30 @@ def data_steps(cfg: Config) -> tuple[Step, ...]:
 
 
 def steps_for(cfg: Config) -> tuple[Step, ...]:
-    """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`."""
+    """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`; with
+    `until`, only the steps that one needs."""
     shared = data_steps(cfg)
     if not cfg.finetunes:
-        return shared + with_control(cfg, with_replay(cfg, tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))))
-    branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
-    return shared + with_control(cfg, with_replay(cfg, branches)) + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
+        tail = with_control(cfg, with_replay(cfg, tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))))
+    else:
+        branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
+        tail = with_control(cfg, with_replay(cfg, branches)) + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
+    return needed_for(shared + tail, cfg.until) if cfg.until else shared + tail
+
+
+def needed_for(steps: tuple[Step, ...], until: str) -> tuple[Step, ...]:
+    """The steps named by `until` (a name, or the base name of branches) and everything they read."""
+    by_name = {step.name: step for step in steps}
+    wanted = [step.name for step in steps if until in (step.name, step.base)]
+    if not wanted:
+        raise UserError(f"until: '{until}' is not a step of this experiment; one of {', '.join(by_name)}")
+    keep: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        if name not in keep:
+            keep.add(name)
+            wanted.extend((*by_name[name].deps, *by_name[name].members))
+    return tuple(step for step in steps if step.name in keep)
 
 
 def fingerprint(step: Step, view: Any, upstream: dict[str, str]) -> str:

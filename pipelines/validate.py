@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import (Config, DataConfig, FinetuneConfig, ModelConfig, TokenizerConfig, TrainConfig, closest_key,
                          unknown_keys, usable_folder)
+from pipelines import dag
 from pipelines.memory import GiB, num_adapter_parameters, training_memory, worker_memory
 from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
@@ -142,6 +143,7 @@ def validate(cfg: Config) -> None:
               f"tied embeddings; set model.tie_embeddings=true or {key}.objective=lm")
     validate_task(cfg)
     validate_eval(cfg)
+    dag.steps_for(cfg)  # an `until` that names no step
 
 
 def validate_data(data: DataConfig) -> None:

@@ -17,7 +17,9 @@ Runs in every data-parallel worker (launched by the executor through Ray Train).
 `adapter/` (PEFT methods; loads with `PeftModel.from_pretrained`), for LoRA also `merged/`
 (the adapter merged into the base weights, a plain Hugging Face model, checked against base +
 adapter on a probe batch), for full fine-tuning `model/`, and `objective.json`; a classifier's
-`model/` and `merged/` load with `AutoModelForSequenceClassification`.
+`model/` and `merged/` load with `AutoModelForSequenceClassification`. Each directory has a model
+card (README.md), full models generation defaults, and for chat tasks the tokenizer carries
+task.chat_template, the format the model learned (tasks/modelcard.py).
 
     train_worker(cfg: FinetuneStepConfig, inputs={"pretrain", "taskdata"[, "tokenize"]}, out_dir, ctx) -> metrics
 """
@@ -31,7 +33,7 @@ from typing import Callable
 import torch
 
 from conf.schema import FinetuneConfig, FinetuneStepConfig, TaskConfig
-from tasks import regularize, training
+from tasks import modelcard, regularize, training
 from tasks.augment import augment_records
 from tasks.common import TaskContext, write_json
 from tasks.models import OBJECTIVE_FILE, is_classifier, load_base_model, load_saved, load_tuned
@@ -93,10 +95,20 @@ def prepare_model(model_dir: Path, cfg: FinetuneConfig, objective: str = "lm", l
     return base if peft_config is None else get_peft_model(base, peft_config)
 
 
+def export_tuned(module, saved_dir: Path, tokenizer, card: modelcard.Card) -> None:
+    """The fine-tuned weights (a full model, or a PEFT adapter), the tokenizer and the model card (in place
+    of PEFT's empty template) saved in saved_dir; a full model with generation defaults (tasks/modelcard.py)."""
+    if not hasattr(module, "peft_config"):
+        modelcard.set_generation_defaults(module, tokenizer)
+    module.save_pretrained(str(saved_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(saved_dir))
+    modelcard.write_card(saved_dir, card)
+
+
 @torch.no_grad()
-def export_merged(model_dir: Path, out_dir: Path, tokenizer, probe_ids: torch.Tensor) -> float:
-    """LoRA merged into the base weights, saved as a plain Hugging Face model and proven equal
-    to base + adapter on a probe batch; returns the largest logit difference."""
+def export_merged(model_dir: Path, out_dir: Path, tokenizer, probe_ids: torch.Tensor, card: modelcard.Card) -> float:
+    """LoRA merged into the base weights, saved as a plain Hugging Face model (generation defaults, model
+    card) and proven equal to base + adapter on a probe batch; returns the largest logit difference."""
     from safetensors.torch import save_file
 
     tuned = load_tuned(out_dir, model_dir).eval()
@@ -105,8 +117,7 @@ def export_merged(model_dir: Path, out_dir: Path, tokenizer, probe_ids: torch.Te
     head = merged.get_output_embeddings()
     if head is not None and head.weight is not merged.get_input_embeddings().weight:
         merged.config.tie_word_embeddings = False  # a trained embedding copy no longer ties to the head
-    merged.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir / "merged"))
+    export_tuned(merged, out_dir / "merged", tokenizer, card)
     reloaded = load_saved(out_dir / "merged").eval()
     error = (reloaded(input_ids=probe_ids).logits - expected).abs().max().item()
     if error > 1e-4:
@@ -284,18 +295,22 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
     if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
         return metrics
 
-    saved_dir = out_dir / ("model" if train_cfg.method == "full" else "adapter")
+    kind = "model" if train_cfg.method == "full" else "adapter"
+    metrics = {**metrics, "trainable_parameters": trainable}
+    card = lambda name: modelcard.finetune_card(name, train_cfg, cfg.task, objective, labels, metrics, tokenizer,
+                                                out_dir / name, model_dir)
+    if rank == 0 and cfg.task.kind == "chat":  # users prompt it the way it was trained (modelcard.chat_note)
+        tokenizer.chat_template = cfg.task.chat_template
     with training.full_parameters(engine) as module:
         if rank == 0:
             if keeper is not None:  # export the weights of the best validation, not the last ones
                 keeper.load_best(module, metrics["best_step"])
-            module.save_pretrained(str(saved_dir), safe_serialization=True)
-            tokenizer.save_pretrained(str(saved_dir))
+            export_tuned(module, out_dir / kind, tokenizer, card(kind))
             write_json(out_dir / OBJECTIVE_FILE, {"objective": objective, "labels": labels,
                                                   "pad_token_id": tokenizer.pad_token_id})
     if rank == 0 and train_cfg.method == "lora":
         probe = torch.tensor([val_examples[0][0]])
-        metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe)
+        metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe, card("merged"))
     training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "trainable_parameters": trainable, "augmented_examples": len(augmented) - len(train_records),
+    return {**metrics, "augmented_examples": len(augmented) - len(train_records),
             "max_steps": train_cfg.max_steps}

@@ -1,5 +1,6 @@
 """pretrain: a Llama-style causal LM from conf/model/*.yaml, trained with DeepSpeed ZeRO on the
-packed token arrays, exported as a Hugging Face directory (safetensors, config, tokenizer).
+packed token arrays, exported as a Hugging Face directory (safetensors, config, generation defaults,
+tokenizer, a model card: tasks/modelcard.py).
 
 `train_worker` runs in every data-parallel worker (the executor launches them with Ray
 Train); rank 0 writes the export and the training log.
@@ -16,19 +17,20 @@ import numpy as np
 import torch
 
 from conf.schema import ModelConfig, PretrainStepConfig
-from tasks import training
+from tasks import modelcard, training
 from tasks.common import TaskContext
-from tasks.tokenize import load_split
+from tasks.tokenize import load_split, load_tokenizer
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int):
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, bos_id: int | None = None):
+    """A fresh model; its config names the tokenizer's special ids (meta.json's), as users of the export expect."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+        tie_word_embeddings=cfg.tie_embeddings, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id,
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config)
@@ -67,7 +69,7 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
     meta = json.loads((tokenize_dir / "meta.json").read_text())
     train_rows, val_rows = load_split(tokenize_dir, "train"), load_split(tokenize_dir, "val")
 
-    model = build_model(cfg.model, meta["vocab_size"], meta["pad_id"], meta["eos_id"])
+    model = build_model(cfg.model, meta["vocab_size"], meta["pad_id"], meta["eos_id"], meta["bos_id"])
     num_params = count_parameters(model)
     engine = training.init_engine(model, train_cfg, world)
     if rank == 0:
@@ -96,22 +98,30 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
 
     with training.full_parameters(engine) as module:
         if rank == 0:
-            export(module, tokenize_dir, out_dir, torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64)))
+            tokenizer = load_tokenizer(tokenize_dir / "tokenizer")
+            card = modelcard.pretrain_card(cfg.model, train_cfg, meta, {**metrics, "num_parameters": num_params},
+                                           tokenizer, tokenize_dir.name)
+            probe_ids = torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64))
+            export(module, tokenize_dir, out_dir, probe_ids, tokenizer, card)
     training.remove_checkpoints(out_dir / "checkpoints", rank)
     return {**metrics, "num_parameters": num_params, "flops_per_token": fpt}
 
 
 @torch.no_grad()
-def export(module: torch.nn.Module, tokenize_dir: Path, out_dir: Path, probe_ids: torch.Tensor) -> None:
-    """Save the Hugging Face directory, then prove it: reload it and compare logits on a probe
-    batch with the training weights. The probe and its logits are kept (export_check.safetensors)."""
+def export(module: torch.nn.Module, tokenize_dir: Path, out_dir: Path, probe_ids: torch.Tensor, tokenizer,
+           card: modelcard.Card) -> None:
+    """Save the Hugging Face directory (with generation defaults for `tokenizer`, and the model card), then
+    prove it: reload it and compare logits on a probe batch with the training weights. The probe and its
+    logits are kept (export_check.safetensors)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     export_dir = out_dir / "model"
+    modelcard.set_generation_defaults(module, tokenizer)
     module.save_pretrained(str(export_dir), safe_serialization=True)
     for item in (tokenize_dir / "tokenizer").iterdir():
         shutil.copy(item, export_dir / item.name)
+    modelcard.write_card(export_dir, card)
     module.eval()
     weight = next(module.parameters())
     probe_ids = probe_ids.to(weight.device)

@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -157,10 +159,49 @@ def recompute_mlps(model: torch.nn.Module) -> None:
             layer.mlp = Recompute(layer.mlp)
 
 
+UNUSED_BY_DEEPSPEED_HERE = ("mlflow",)
+"""Imported by DeepSpeed's autotuner if installed; used only by autotuning runs."""
+
+
+class NotMuon:
+    """Stands in for DeepSpeed's Muon optimizer, which ZeRO imports on every gradient reduction only
+    to test `isinstance` and `use_muon`: importing the real modules runs torch.compile decorators that
+    load torch's compiler stack (about 6 s of CPU per training worker on 2 cores). lmforge's
+    optimizer is AdamW (build_optimizer), so the Muon code is never called."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("lmforge trains with AdamW; DeepSpeed's Muon optimizer is not loaded")
+
+
+def muon_update(*args, **kwargs):
+    raise NotImplementedError("lmforge trains with AdamW; DeepSpeed's Muon update is not loaded")
+
+
+MUON_STAND_INS = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": NotMuon},
+                  "deepspeed.runtime.zero.muon.original_muon": {"muon_update": muon_update}}
+
+
+def import_deepspeed():
+    """DeepSpeed without the imports it makes but never needs in training (most of a tiny training
+    step's start-up)."""
+    for name, attributes in MUON_STAND_INS.items():
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name, NotMuon.__doc__)
+            vars(sys.modules[name]).update(attributes)
+    blocked = [name for name in UNUSED_BY_DEEPSPEED_HERE if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(blocked))  # `import` of a None entry raises ImportError, which DeepSpeed expects
+    try:
+        import deepspeed
+    finally:
+        for name in blocked:
+            del sys.modules[name]  # importable again for whoever needs it later
+    return deepspeed
+
+
 def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int, recompute: str = "layers"):
     """DeepSpeed engine over build_optimizer's AdamW and schedule. With activation checkpointing,
     `recompute` says what is recomputed: whole decoder layers ('layers') or their MLPs ('mlp')."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     import deepspeed.ops
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce that only its inference
@@ -190,8 +231,7 @@ def to_device(batch: dict, engine) -> dict:
 def full_parameters(engine):
     """All parameters materialised on every rank (ZeRO-3 partitions them); a no-op for stages 0-2."""
     if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             yield engine.module
     else:

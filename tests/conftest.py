@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,27 @@ def fault_table():
                 table.write(json.dumps(row) + "\n")
 
     return record
+
+
+UPSTREAM = ("ingest", "tokenize", "pretrain")
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """A root where the tiny experiment's ingest, tokenize and pretrain ran once (`until=pretrain`):
+    end-to-end tests that check what happens downstream start from a copy (copy_upstream) instead
+    of pretraining again."""
+    root = tmp_path_factory.mktemp("tiny-upstream")
+    done = subprocess.run([sys.executable, "-m", "pipelines.run", "+experiment=tiny", f"paths.root={root}",
+                           "ray.num_cpus=2", "until=pretrain"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root
+
+
+def copy_upstream(upstream: Path, root: Path) -> None:
+    """The upstream steps' published directories into another root, where they are cache hits."""
+    for name in UPSTREAM:
+        shutil.copytree(upstream / name, root / name)
 
 
 FULL_SUITE_DIRS = ("e2e", "faults")

@@ -17,9 +17,9 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_upstream
 
-LONG_PRETRAIN = ["pretrain.max_steps=150", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
+LONG_PRETRAIN = ["until=pretrain", "pretrain.max_steps=150", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
                  "pretrain.eval_every=150"]
 
 
@@ -52,7 +52,8 @@ def finish(proc) -> str:
     return output
 
 
-def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table):
+def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table, tiny_upstream):
+    copy_upstream(tiny_upstream, tmp_path)  # ingest and tokenize cached
     proc = start(tmp_path, "pretrain.max_failures=1")
     reached = wait_for_step(tmp_path, proc, 25)
     assert reached < 150
@@ -68,7 +69,8 @@ def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table):
 
 
 @pytest.mark.parametrize("storage,stop", [("shared", "Ctrl-C"), ("object_store", "SIGTERM")])
-def test_a_stop_signal_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path, fault_table, storage, stop):
+def test_a_stop_signal_checkpoints_and_the_rerun_continues_on_another_worker_count(tmp_path, fault_table, storage, stop,
+                                                                                   tiny_upstream):
     """Ctrl-C: SIGINT to the launch's whole process group, as a terminal sends it; SIGTERM: to the
     driver, as a preemption does; both take one path. object_store: paths.root is a file:// store,
     and the rerun has a fresh working copy (another machine): the stop request reaches the workers
@@ -77,6 +79,8 @@ def test_a_stop_signal_checkpoints_and_the_rerun_continues_on_another_worker_cou
     if storage == "object_store":
         root, rerun_root = tmp_path / "cache-1", tmp_path / "cache-2"
         overrides = [f"paths.cache={root}"]
+    else:
+        copy_upstream(tiny_upstream, tmp_path)  # ingest and tokenize cached
     uri = f"file://{tmp_path / 'store'}" if storage == "object_store" else str(tmp_path)
     proc = start(uri, *overrides, workers=2)
     reached = wait_for_step(root, proc, 25)

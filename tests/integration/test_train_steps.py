@@ -330,3 +330,35 @@ def test_chat_task_from_csv_end_to_end(steps, tmp_path):
     assert 0 <= result["finetuned_chrf"] <= 100 and "finetuned_exact_match" in result
     examples = json.loads((tmp_path / "evaluate" / "report.json").read_text())["task_examples"]
     assert examples[0]["gold"].startswith("self.") and "<|user|>" in examples[0]["input"]
+
+
+ENGINE_START = """
+import os, sys, torch, torch.distributed as dist
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533",
+                  DS_ACCELERATOR="cpu")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from conf.schema import ModelConfig, TrainConfig
+from tasks import pretrain, training
+for stage in (2, 3):
+    engine = training.init_engine(pretrain.build_model(ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=2, intermediate_size=64, max_position_embeddings=32), 64, 0, 2),
+        TrainConfig(zero_stage=stage, micro_batch_size=2, global_batch_size=2, max_steps=2), 1)
+    ids = torch.randint(3, 64, (2, 16))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+print(sorted(m for m in ("mlflow", "torch._inductor.compile_fx") if m in sys.modules))
+"""
+
+
+def test_a_training_worker_does_not_load_what_deepspeed_never_uses_here():
+    """DeepSpeed's ZeRO imports its Muon optimizer (whose torch.compile decorators load torch's
+    compiler stack) and its autotuner imports MLflow: seconds of CPU per worker start that
+    training.import_deepspeed avoids. A DeepSpeed upgrade that imports them elsewhere fails here."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", ENGINE_START], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

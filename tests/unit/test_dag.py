@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from pipelines import artifacts, dag
+from tasks.common import UserError
+from tests.conftest import compose_config
 
 
 def fingerprints(cfg, root):
@@ -166,3 +170,16 @@ def test_an_augmentation_lexicon_counts_by_its_bytes(tiny_cfg, tmp_path):
     before = fingerprints(cfg, tmp_path)["finetune"]
     lexicon.write_text('{"good": ["great"]}')
     assert fingerprints(cfg, tmp_path)["finetune"] != before
+
+
+def test_until_plans_a_step_and_only_what_it_reads(tiny_cfg, tmp_path):
+    whole = fingerprints(tiny_cfg, tmp_path)
+    assert fingerprints(dataclasses.replace(tiny_cfg, until="pretrain"), tmp_path) == {
+        name: whole[name] for name in ("ingest", "tokenize", "pretrain")}
+    # decontaminate only reports (unless decontaminate.remove): evaluate does not read it
+    assert set(fingerprints(dataclasses.replace(tiny_cfg, until="evaluate"), tmp_path)) == set(whole) - {"decontaminate"}
+    branched = compose_config(["+experiment=tiny_techniques", f"paths.root={tmp_path}", "until=finetune"])
+    assert sorted(fingerprints(branched, tmp_path)) == sorted(
+        ["ingest", "tokenize", "pretrain", "taskdata", "finetune.lora", "finetune.full"])
+    with pytest.raises(UserError, match=r"until: 'pretrian' is not a step of this experiment; one of ingest, "):
+        dag.plan(dataclasses.replace(tiny_cfg, until="pretrian"), tmp_path)

@@ -42,6 +42,38 @@ def test_query_string_secrets_and_overrides_are_masked():
     assert redact_override("finetune.lr=0.001") == "finetune.lr=0.001"
 
 
+def test_counts_and_tokenizer_settings_named_token_stay_visible(tmp_path):
+    config = {"eval": {"max_new_tokens": 32, "sample_prompt_tokens": 24},
+              "finetune": {"prefix": {"num_virtual_tokens": 16}},
+              "tokenizer": {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
+                            "additional_special_tokens": ["<|user|>", "<|end|>"], "path": "/models/hf_cache/gpt2"},
+              "data": {"text_field": "text", "sort_key": "doc_id"}}
+    assert redact(config) == config
+    assert redact_override("eval.max_new_tokens=64") == "eval.max_new_tokens=64"
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "redaction", tmp_path)
+    params = tracker.client.get_run(tracker.start("run", config, {})).data.params
+    assert params["eval.max_new_tokens"] == "32" and params["tokenizer.eos_token"] == "<|eos|>"
+    assert params["finetune.prefix.num_virtual_tokens"] == "16"
+
+
+def test_known_secret_names_and_token_shaped_values_are_masked():
+    names = ["token", "access_token", "auth_token", "api_token", "hf_token", "HF_TOKEN", "github_token", "api_key",
+             "apiKey", "aws_secret_access_key", "aws_access_key_id", "client_secret", "db_password", "credentials",
+             "private_key", "mlflow_tracking_token"]
+    assert redact({name: "plain" for name in names}) == dict.fromkeys(names, MASK)
+    shaped = {"hf": "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h", "github": "ghp_" + "x1Y2z3" * 6,
+              "openai": "sk-proj-" + "Ab1Cd2Ef3Gh4Ij5Kl6Mn", "aws": "AKIAIOSFODNN7EXAMPLE",
+              "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"}
+    for value in shaped.values():  # under a harmless key, alone or inside text
+        assert redact({"note": value}) == {"note": MASK}
+        assert value not in redact_text(f"Authorization failed for {value}, retrying")
+    assert redact_override(f"+data.header={shaped['hf']}") == f"+data.header={MASK}"
+    # a key that only hints at a secret: masked when the value looks random, shown when it does not
+    assert redact({"vendor_token": "q8Zr2LmX0vTb7NcY4kWp"}) == {"vendor_token": MASK}
+    assert redact({"vendor_token": "<|service|>", "cache_key": "doc_id"}) == \
+        {"vendor_token": "<|service|>", "cache_key": "doc_id"}
+
+
 def test_health_probe_sends_credentials_as_basic_auth_not_as_a_host():
     import base64
     import http.server
