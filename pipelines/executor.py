@@ -331,6 +331,8 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
+        if not ran and manifest.get("mlflow_run_id") not in (None, run_id):
+            tracker.set_tags(run_id, {"lmforge.produced_by": manifest["mlflow_run_id"]})  # the run that computed it
         with tempfile.TemporaryDirectory(prefix="lmforge-review-") as fetched:
             shown = item.out_dir
             if nodes and not artifacts.read_manifest(item.out_dir):  # the step's files are on another node

@@ -58,14 +58,30 @@ def run_pipeline(cfg: Config, resolved_yaml: str, on_valid=lambda: None) -> dict
     try:
         if resources:
             executor.check_resources(planned, resources, executor.autoscaler_ceiling())
-        tags = {"lmforge.code_version": artifacts.code_version(), "lmforge.experiment": cfg.experiment_name}
-        run_id = tracker.start(cfg.experiment_name, dataclasses.asdict(cfg), tags)
+        run_id = tracker.start(run_name(cfg, planned), dataclasses.asdict(cfg), run_tags(cfg))
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         with locks.step_lock(live_path(root, run_id), say=print):
             results = execute(planned, root, tracker, run_id, resources, step_store, nodes)
             return record_run(cfg, tracker, run_id, planned, results, root, step_store, nodes)
     finally:
         executor.stop_ray()
+
+
+def run_name(cfg: Config, planned: list[dag.PlannedStep]) -> str:
+    """experiment_name, marked when steps come from the cache ('tiny (cached 7/7)'): a rerun's parent
+    run is told apart from the run that computed its results."""
+    cached = sum(p.status == "cached" for p in planned)
+    return f"{cfg.experiment_name} (cached {cached}/{len(planned)})" if cached else cfg.experiment_name
+
+
+def run_tags(cfg: Config) -> dict:
+    """The parent run's tags: the experiment and the code, with MLflow's source tags where git knows the commit."""
+    version = artifacts.code_version()
+    tags = {"lmforge.code_version": version, "lmforge.experiment": cfg.experiment_name,
+            "mlflow.source.name": "pipelines.run", "mlflow.source.type": "LOCAL"}
+    if version != "unknown":
+        tags["mlflow.source.git.commit"] = version.removesuffix("+dirty")
+    return tags
 
 
 def execute(planned: list[dag.PlannedStep], root: Path, tracker: tracking.Tracker, run_id: str, resources: dict,

@@ -71,6 +71,11 @@ def run_state(root: Path, parent: dict, remote_root: bool) -> str:
     return state if remote_root else "interrupted"
 
 
+def experiment_of(parent: dict) -> str:
+    """A parent run's experiment_name (its run name may carry a cache mark: 'tiny (cached 7/7)')."""
+    return parent["tags"].get("lmforge.experiment") or parent["name"]
+
+
 def step_row(root: Path, name: str, fingerprint: str, summary_step: dict | None, child: dict | None,
              store=None) -> StepRow:
     base = name.split(".")[0]
@@ -143,7 +148,7 @@ def list_runs(summaries: dict[str, dict], parents: list[dict], limit: int,
         rows[run_id] = {"run_id": run_id, "experiment": s.get("experiment", ""), "state": "finished",
                         "time": s["written_at"], "steps": ", ".join(counts)}
     for p in parents:
-        row = rows.setdefault(p["run_id"], {"run_id": p["run_id"], "experiment": p["name"], "steps": "-"})
+        row = rows.setdefault(p["run_id"], {"run_id": p["run_id"], "experiment": experiment_of(p), "steps": "-"})
         row.update(state=state_of(p), time=p["start"] / 1000)
     return sorted(rows.values(), key=lambda r: r["time"], reverse=True)[:limit]
 
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     children = tracking.find_runs(uri, args.experiment, parent_id=args.run_id) if parent else []
-    experiment = (summary or {}).get("experiment") or parent["name"]
+    experiment = (summary or {}).get("experiment") or experiment_of(parent)
     print(f"run {args.run_id} ({experiment}): {state_of(parent) if parent else 'finished'}, "
           f"root {store.uri if store else root}")
     if parent and parent["tags"].get("lmforge.error"):

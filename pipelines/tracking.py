@@ -139,9 +139,16 @@ def _run(call: dict, ids: dict) -> str:
     return ids.get(call["run"], call["run"])
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Opens the experiment in MLflow's model-training view (runs, metrics, models), not its GenAI view."""
+
+
 def apply_experiment(client, call: dict, ids: dict) -> str:
     found = client.get_experiment_by_name(call["name"])
-    real = found.experiment_id if found else client.create_experiment(call["name"], artifact_location=call.get("location"))
+    real = found.experiment_id if found else client.create_experiment(call["name"], artifact_location=call.get("location"),
+                                                                      tags=EXPERIMENT_KIND)
+    if found and "mlflow.experimentKind" not in found.tags:  # made before lmforge set it
+        client.set_experiment_tag(real, *next(iter(EXPERIMENT_KIND.items())))
     ids[call["id"]] = real
     return real
 
@@ -321,7 +328,7 @@ class Tracker:
     def start_step(self, name: str, fingerprint: str, status: str, reason: str, params: dict) -> str:
         tags = {"mlflow.parentRunId": self.parent_id, "lmforge.step": name, "lmforge.fingerprint": fingerprint,
                 "lmforge.status": status, "lmforge.reason": reason}
-        run_id = self._create_run(name, tags)
+        run_id = self._create_run(f"{name} (cached)" if status == "cached" else name, tags)
         self.log_params(run_id, params)
         return run_id
 

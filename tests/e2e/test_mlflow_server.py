@@ -110,8 +110,12 @@ def first_run(root, server):
 def test_a_run_is_reviewable_through_the_servers_rest_api(first_run, server):
     output, summary = first_run
     assert f"open {server.uri}" in output
-    experiment_id = server.get("experiments/get-by-name", experiment_name="lmforge")["experiment"]["experiment_id"]
+    experiment = server.get("experiments/get-by-name", experiment_name="lmforge")["experiment"]
+    experiment_id = experiment["experiment_id"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]  # training view
     parent = server.get("runs/get", run_id=summary["run_id"])["run"]
+    assert parent["info"]["run_name"] == "tiny" and tag(parent, "mlflow.source.name") == "pipelines.run"
+    assert tag(parent, "mlflow.source.git.commit") == tag(parent, "lmforge.code_version").removesuffix("+dirty")
     assert parent["info"]["status"] == "FINISHED" and tag(parent, "lmforge.cache_hits") == f"0/{len(STEPS)}"
     assert tag(parent, "lmforge.code_version") and tag(parent, "lmforge.step.pretrain").startswith("ran ")
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
@@ -144,6 +148,11 @@ def test_a_cached_rerun_reuses_the_registered_version(first_run, root, server):
     assert all(step["status"] == "cached" for step in summary["steps"]), output[:3000]
     parent = server.get("runs/get", run_id=summary["run_id"])["run"]
     assert tag(parent, "lmforge.cache_hits") == f"{len(STEPS)}/{len(STEPS)}"
+    assert parent["info"]["run_name"] == f"tiny (cached {len(STEPS)}/{len(STEPS)})"
+    experiment_id = parent["info"]["experiment_id"]
+    produced = {name: run["info"]["run_id"] for name, run in server.children(first_run[1]["run_id"], experiment_id).items()}
+    for name, run in server.children(summary["run_id"], experiment_id).items():  # each links the run that computed it
+        assert run["info"]["run_name"] == f"{name} (cached)" and tag(run, "lmforge.produced_by") == produced[name]
     versions = server.get("model-versions/search", filter="name='lmforge-tiny'")["model_versions"]
     assert len(versions) == 1
     assert server.get("registered-models/alias", name="lmforge-tiny", alias="candidate")["model_version"]["version"] == "1"
