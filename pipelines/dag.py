@@ -152,9 +152,11 @@ def with_control(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
 
 def branch_steps(name: str, ft) -> tuple[Step, Step]:
     """finetune.<name> and evaluate.<name> for one entry of `finetunes`."""
-    tune = Step(f"finetune.{name}", VERSIONS["finetune"], finetune.train_worker, lambda c: FinetuneStepConfig(ft, c.task),
-                ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity, kind="finetune")
-    judge = Step(f"evaluate.{name}", VERSIONS["evaluate"], evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
+    tune = Step(f"finetune.{name}", VERSIONS["finetune"], finetune.train_worker,
+                lambda c: FinetuneStepConfig(ft, c.task), ("pretrain", "taskdata"), train=lambda s: s.finetune,
+                identity=finetune_identity, kind="finetune")
+    judge = Step(f"evaluate.{name}", VERSIONS["evaluate"], evaluate.run,
+                 lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
                  ("tokenize", "pretrain", "taskdata", tune.name), identity=evaluate_identity, kind="evaluate")
     return tune, judge
 

@@ -139,16 +139,15 @@ def _run(call: dict, ids: dict) -> str:
     return ids.get(call["run"], call["run"])
 
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 """Opens the experiment in MLflow's model-training view (runs, metrics, models), not its GenAI view."""
 
 
 def apply_experiment(client, call: dict, ids: dict) -> str:
     found = client.get_experiment_by_name(call["name"])
-    real = found.experiment_id if found else client.create_experiment(call["name"], artifact_location=call.get("location"),
-                                                                      tags=EXPERIMENT_KIND)
-    if found and "mlflow.experimentKind" not in found.tags:  # made before lmforge set it
-        client.set_experiment_tag(real, *next(iter(EXPERIMENT_KIND.items())))
+    real = found.experiment_id if found else client.create_experiment(call["name"], artifact_location=call.get("location"))
+    if not found or EXPERIMENT_KIND_TAG not in found.tags:  # also an experiment made before lmforge set it
+        client.set_experiment_tag(real, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     ids[call["id"]] = real
     return real
 

@@ -297,8 +297,11 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
 
     kind = "model" if train_cfg.method == "full" else "adapter"
     metrics = {**metrics, "trainable_parameters": trainable}
-    card = lambda name: modelcard.finetune_card(name, train_cfg, cfg.task, objective, labels, metrics, tokenizer,
-                                                out_dir / name, model_dir)
+
+    def card(directory: str) -> modelcard.Card:
+        return modelcard.finetune_card(directory, train_cfg, cfg.task, objective, labels, metrics, tokenizer,
+                                       out_dir / directory, model_dir)
+
     if rank == 0 and cfg.task.kind == "chat":  # users prompt it the way it was trained (modelcard.chat_note)
         tokenizer.chat_template = cfg.task.chat_template
     with training.full_parameters(engine) as module:

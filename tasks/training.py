@@ -170,11 +170,11 @@ class NotMuon:
     optimizer is AdamW (build_optimizer), so the Muon code is never called."""
 
     def __init__(self, *args, **kwargs):
-        raise NotImplementedError("lmforge trains with AdamW; DeepSpeed's Muon optimizer is not loaded")
+        raise RuntimeError("lmforge trains with AdamW; DeepSpeed's Muon optimizer is not loaded")
 
 
 def muon_update(*args, **kwargs):
-    raise NotImplementedError("lmforge trains with AdamW; DeepSpeed's Muon update is not loaded")
+    raise RuntimeError("lmforge trains with AdamW; DeepSpeed's Muon update is not loaded")
 
 
 MUON_STAND_INS = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": NotMuon},
