@@ -57,7 +57,9 @@ class TrackingConfig:
     work; 'journal' runs anyway and keeps the tracking calls in <root>/runs/journal-*/ for
     `python -m pipelines.tracking replay`. A server lost mid-run is always journaled."""
     register_model: bool = True
-    """Register each fine-tuned result (merged/full weights and adapter) in the MLflow Model Registry."""
+    """Register each fine-tuned result in the MLflow Model Registry, as an MLflow model (transformers
+    flavor: merged/full weights, or base + adapter for prefix tuning), and log a pretrained model that
+    ran as an MLflow model of its step's run."""
     registered_model: str = ""
     """Registered model name ('' : lmforge-<experiment_name>, plus -<branch> for each branch)."""
     model_alias: str = "candidate"
@@ -344,6 +346,11 @@ class FinetuneConfig(TrainConfig):
     label, cross-entropy; exported so AutoModelForSequenceClassification loads it); 'lm': the label
     (or completion) as target tokens after the prompt, scored by likelihood; 'auto': classifier for
     task.kind=classification, lm otherwise."""
+    pooling: str = "last"
+    """What the classification head reads: 'last', the last prompt token's hidden state (Llama's own
+    head); 'mean', the mean over the prompt's tokens (tasks/pooled_classifier.py; exported with its code
+    file, so AutoModelForSequenceClassification loads it with trust_remote_code=True). LoRA or full
+    fine-tuning with objective=classifier."""
     init: str = "pretrained"
     """'pretrained': start from the pretrain step's weights; 'random': the same architecture and
     tokenizer from random initialisation (the no-pretraining control: does pretraining help?)."""

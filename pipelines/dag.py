@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from conf.schema import (Config, EnsembleStepConfig, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig,
                          TrainConfig)
 from pipelines import artifacts
-from pipelines.redaction import redact
+from pipelines.redaction import redact, redact_text
 from tasks import (decontaminate, ensemble, evaluate, finetune, ingest, pretrain, sources, taskdata, tokenize,
                    tokenizer_files, units)
 from tasks.common import UserError
@@ -295,3 +295,25 @@ def diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             out += diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if old == new else [(prefix, old, new)]
+
+
+DATA_PRODUCTS = {"ingest": "corpus shards", "tokenize": "token arrays", "taskdata": "task splits"}
+"""Steps whose results are data sets (the others make models and reports)."""
+
+
+def datasets_read(item: PlannedStep, root: Path) -> list[dict]:
+    """What a planned step reads, as MLflow datasets (name, digest, source, context): the data
+    products of its upstream steps (digest: their fingerprint) and, for ingest and taskdata, the
+    user's files (digest: what the fingerprint holds of them)."""
+    context = ("training" if item.step.train else "evaluation" if item.step.base == "evaluate"
+               else "preprocessing")
+    read = [{"name": product, "digest": item.upstream[dep], "source": str(artifacts.step_dir(root, dep, item.upstream[dep])),
+             "context": context} for dep, product in DATA_PRODUCTS.items() if dep in item.upstream]
+    if item.step.base == "ingest":
+        corpus = [*item.section.paths, *(f"builtin:{name}" for name in item.section.builtin)]
+        read.append({"name": "corpus", "digest": item.view["sources_digest"], "context": "source",
+                     "source": redact_text(json.dumps(corpus))})
+    for key, digest in item.view.get("file_digests", {}).items() if item.step.base == "taskdata" else ():
+        read.append({"name": f"task {key.removesuffix('_path')}", "digest": digest, "context": "source",
+                     "source": redact_text(getattr(item.section, key))})
+    return read

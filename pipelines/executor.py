@@ -19,7 +19,7 @@ from conf.schema import Config
 from pipelines import artifacts, locks
 from pipelines.stopping import STOP, DiskFull, Preempted, fit_here, fit_on_nodes, out_of_space, watch_stop_request
 from pipelines import store as store_module
-from pipelines.dag import PlannedStep
+from pipelines.dag import PlannedStep, datasets_read
 from pipelines.redaction import redact, redact_text
 from pipelines.tracking import Tracker, error_line
 from tasks.common import Progress, TaskContext, UserError, write_atomic, write_json
@@ -303,6 +303,7 @@ def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources:
         name = item.step.name
         inputs = {dep: root / dep / fp for dep, fp in item.upstream.items()}
         run_id = tracker.start_step(name, item.fingerprint, item.status, item.reason, item.view)
+        tracker.log_inputs(run_id, datasets_read(item, root))
         started = time.monotonic()
         say = lambda message: print(f"[{index}/{len(planned)}] {name}: {message}", flush=True)
         ran = False

@@ -5,13 +5,14 @@ registry policy (each fine-tuned result a version of a registered model). Called
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from conf.schema import Config
 from pipelines import artifacts, dag, executor, figures, tracking
 from pipelines.redaction import redact_text
-from tasks import baselines
+from tasks import baselines, taskdata
 
 
 def print_plan(planned: list[dag.PlannedStep]) -> None:
@@ -123,15 +124,29 @@ def evaluation_rows(results: list[executor.StepResult]) -> list[dict]:
             for m in models]
 
 
+def input_example(cfg: Config, results: list[executor.StepResult], local_dir) -> str:
+    """A prompt as the models saw them: the first test record through the task's template."""
+    split = next((Path(local_dir(r)) / "test.jsonl" for r in results if r.name == "taskdata"), None)
+    if split is None or not split.exists():
+        return "The"
+    with open(split) as lines:
+        head, text, tail, _ = taskdata.render(json.loads(lines.readline()), cfg.task)
+    return head + text + tail
+
+
 def register_models(cfg: Config, tracker: tracking.Tracker, results: list[executor.StepResult],
                     local_dir=lambda result: Path(result.out_dir)) -> dict:
-    """Each fine-tuned result as a version of a registered model (one per branch), with the alias.
+    """Each fine-tuned result as a version of a registered model (one per branch), with the alias;
+    a pretrained model that ran in this launch as an MLflow model of its step's run.
     local_dir(result): the step's directory here (fetched when paths.root is a URI)."""
     base = cfg.tracking.registered_model or f"lmforge-{cfg.experiment_name}"
     scores = {r.name.split(".", 1)[-1] if "." in r.name else "": r.metrics for r in results
               if r.name.split(".")[0] == "evaluate"}
+    example = input_example(cfg, results, local_dir)
     versions = {}
     for r in results:
+        if r.name == "pretrain" and r.status == "ran":
+            tracker.log_model(r.run_id, "pretrained", local_dir(r) / "model", example)
         if r.name.split(".")[0] != "finetune":
             continue
         branch = r.name.split(".", 1)[1] if "." in r.name else ""
@@ -142,7 +157,7 @@ def register_models(cfg: Config, tracker: tracking.Tracker, results: list[execut
                 "lmforge.code_version": artifacts.code_version(), "lmforge.pipeline_run": tracker.parent_id,
                 "lmforge.step_dir": r.out_dir, **metric}
         name = f"{base}-{branch}" if branch else base
-        versions[name] = tracker.register_model(name, cfg.tracking.model_alias, r.run_id, dirs, tags)
+        versions[name] = tracker.register_model(name, cfg.tracking.model_alias, r.run_id, dirs, tags, example)
     return versions
 
 

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines import figures
+from pipelines import figures, tracking_models
 from pipelines.journal import PENDING, Journal, pending_id
 from pipelines.redaction import redact, redact_text
 from tasks.common import UserError
@@ -182,29 +182,51 @@ def apply_log_table(client, call: dict, ids: dict) -> None:
     client.log_table(_run(call, ids), data=call["data"], artifact_file=call["name"])
 
 
+def apply_log_inputs(client, call: dict, ids: dict) -> None:
+    """The data sets a step read (MLflow's Dataset column): name, digest, where they are, in which role."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(_run(call, ids), datasets=[
+        DatasetInput(Dataset(d["name"], d["digest"], "local" if "://" not in d["source"] else "uri", d["source"]),
+                     tags=[InputTag("mlflow.data.context", d["context"])]) for d in call["datasets"]])
+
+
 def apply_terminate(client, call: dict, ids: dict) -> None:
     client.set_terminated(_run(call, ids), status=call["status"], end_time=call["end_time"])
 
 
-def apply_register(client, call: dict, ids: dict) -> str:
-    """One registry version per fine-tuned result (by fingerprint): its files are logged to the
-    step's run under `finetuned/` once, and the alias moves to it."""
-    from mlflow.exceptions import MlflowException
+def apply_log_model(client, call: dict, ids: dict) -> str:
+    return tracking_models.log_model(client, _run(call, ids), call["name"], call["model_dir"], call["example"])
 
-    name, run_id, fingerprint = call["name"], _run(call, ids), call["fingerprint"]
+
+def apply_register(client, call: dict, ids: dict) -> str:
+    """One registry version per fine-tuned result (by fingerprint): its full weights logged once in
+    MLflow's transformers flavor (a LoggedModel of the step's run), a PEFT adapter as files under
+    `finetuned/adapter`, and the alias moves to it. A result the flavor cannot rebuild (prefix tuning,
+    a mean-pooled head) is its files under `finetuned/`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    name, run_id, fingerprint, dirs = call["name"], _run(call, ids), call["fingerprint"], call["dirs"]
     found = client.search_model_versions(f"name='{name}' and tag.`lmforge.fingerprint`='{fingerprint}'")
     if found:
         version = max(found, key=lambda v: int(v.version)).version
     else:
-        for sub, path in call["dirs"].items():
-            client.log_artifacts(run_id, path, f"finetuned/{sub}")
+        weights, model_id = tracking_models.full_weights(dirs), None
+        for sub, path in dirs.items():
+            if sub == "adapter" or not weights:
+                client.log_artifacts(run_id, path, f"finetuned/{sub}")
+        if weights:
+            model_id = tracking_models.log_model(client, run_id, "finetuned", weights, call["example"])
         try:
             client.create_registered_model(name, description="Fine-tuned by lmforge (pipelines.run).")
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        source = f"{client.get_run(run_id).info.artifact_uri}/finetuned"
-        version = client.create_model_version(name, source, run_id=run_id, tags=call["tags"]).version
+        source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/finetuned"
+        with _use_tracking_uri(client.tracking_uri):  # a local registry finds the LoggedModel through it
+            version = client.create_model_version(name, source, run_id=run_id, tags=call["tags"],
+                                                  model_id=model_id).version
     client.set_registered_model_alias(name, call["alias"], version)
     return str(version)
 
@@ -212,7 +234,8 @@ def apply_register(client, call: dict, ids: dict) -> str:
 APPLY: dict[str, Callable] = {
     "experiment": apply_experiment, "create_run": apply_create_run, "log_batch": apply_log_batch,
     "log_artifact": apply_log_artifact, "log_text": apply_log_text, "log_table": apply_log_table,
-    "terminate": apply_terminate, "register": apply_register,
+    "log_inputs": apply_log_inputs, "log_model": apply_log_model, "terminate": apply_terminate,
+    "register": apply_register,
 }
 
 
@@ -331,6 +354,10 @@ class Tracker:
         self.log_params(run_id, params)
         return run_id
 
+    def log_inputs(self, run_id: str, datasets: list[dict]) -> None:
+        if datasets:
+            self._do("log_inputs", run=run_id, datasets=datasets)
+
     def metric_logger(self, run_id: str) -> MetricLogger:
         return MetricLogger(self.uri, run_id, self.journal.directory, lost=self.lost is not None)
 
@@ -374,10 +401,16 @@ class Tracker:
     def log_loss_curve(self, run_id: str, history_path: Path, title: str) -> None:
         self.log_figure(run_id, lambda png: figures.loss_curve(history_path, title, png), "loss_curve.png")
 
-    def register_model(self, name: str, alias: str, run_id: str, dirs: dict[str, Path], tags: dict) -> str | None:
-        """Register a fine-tuned result (the directories in `dirs`) as a version of `name`, with `alias`."""
+    def log_model(self, run_id: str, name: str, model_dir: Path, example: str) -> None:
+        """An exported model directory as an MLflow model of run `run_id` (see tracking_models)."""
+        self._do("log_model", run=run_id, name=name, model_dir=str(model_dir), example=example)
+
+    def register_model(self, name: str, alias: str, run_id: str, dirs: dict[str, Path], tags: dict,
+                       example: str) -> str | None:
+        """Register a fine-tuned result (the directories in `dirs`) as a version of `name`, with `alias`;
+        `example` is the input example of its MLflow model (a prompt as the model saw them)."""
         return self._do("register", name=name, alias=alias, run=run_id, dirs={k: str(v) for k, v in dirs.items()},
-                        fingerprint=tags["lmforge.fingerprint"], tags=tags)
+                        fingerprint=tags["lmforge.fingerprint"], tags=tags, example=example)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self._do("terminate", run=run_id, status=status, end_time=int(time.time() * 1000))

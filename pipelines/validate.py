@@ -271,6 +271,9 @@ def validate_techniques(key: str, cfg: FinetuneConfig, kind: str) -> None:
           f"{key}.objective: must be one of {finetune.OBJECTIVES}, got '{cfg.objective}'")
     check(cfg.objective != "classifier" or kind == "classification",
           f"{key}.objective: 'classifier' needs task.kind=classification (use 'lm' or 'auto' for {kind})")
+    check(cfg.pooling in finetune.POOLINGS, f"{key}.pooling: must be one of {finetune.POOLINGS}, got '{cfg.pooling}'")
+    check(cfg.pooling == "last" or (finetune.resolve_objective(cfg, kind) == "classifier" and cfg.method != "prefix"),
+          f"{key}.pooling: 'mean' needs the classifier objective with LoRA or full fine-tuning; set {key}.pooling=last")
     check(stopping.metric != "val_accuracy" or kind == "classification",
           f"{key}.early_stopping.metric: val_accuracy needs task.kind=classification")
     check(cfg.augment.copies <= MAX_AUGMENTED_COPIES,

@@ -36,7 +36,7 @@ from conf.schema import FinetuneConfig, FinetuneStepConfig, TaskConfig
 from tasks import modelcard, regularize, training
 from tasks.augment import augment_records
 from tasks.common import TaskContext, write_json
-from tasks.models import OBJECTIVE_FILE, is_classifier, load_base_model, load_saved, load_tuned
+from tasks.models import OBJECTIVE_FILE, is_classifier, load_base_model, load_saved, load_tuned, mark_if_pooled
 from tasks.earlystop import BestKeeper
 from tasks.regularize import IGNORE_INDEX
 from tasks.taskdata import encode_example, load_labels, load_split
@@ -44,6 +44,9 @@ from tasks.tokenize import load_split as load_tokens
 
 
 OBJECTIVES = ("auto", "classifier", "lm")
+POOLINGS = ("last", "mean")
+
+
 def resolve_objective(cfg: FinetuneConfig, kind: str) -> str:
     """finetune.objective with 'auto' decided: a classification head for classification tasks."""
     if cfg.objective == "auto":
@@ -87,7 +90,7 @@ def prepare_model(model_dir: Path, cfg: FinetuneConfig, objective: str = "lm", l
 
     peft_config = FINETUNE_METHODS[cfg.method](cfg, objective)
     base = load_base_model(model_dir, labels if objective == "classifier" else None, pad_token_id, cfg.init,
-                           attention_dropout=cfg.attention_dropout)
+                           cfg.pooling, attention_dropout=cfg.attention_dropout)
     if cfg.hidden_dropout:
         regularize.add_hidden_dropout(base, cfg.hidden_dropout)
     if cfg.freeze_embeddings:
@@ -101,6 +104,7 @@ def export_tuned(module, saved_dir: Path, tokenizer, card: modelcard.Card) -> No
     if not hasattr(module, "peft_config"):
         modelcard.set_generation_defaults(module, tokenizer)
     module.save_pretrained(str(saved_dir), safe_serialization=True)
+    mark_if_pooled(saved_dir)
     tokenizer.save_pretrained(str(saved_dir))
     modelcard.write_card(saved_dir, card)
 
@@ -310,7 +314,7 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
                 keeper.load_best(module, metrics["best_step"])
             export_tuned(module, out_dir / kind, tokenizer, card(kind))
             write_json(out_dir / OBJECTIVE_FILE, {"objective": objective, "labels": labels,
-                                                  "pad_token_id": tokenizer.pad_token_id})
+                                                  "pad_token_id": tokenizer.pad_token_id, "pooling": train_cfg.pooling})
     if rank == 0 and train_cfg.method == "lora":
         probe = torch.tensor([val_examples[0][0]])
         metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe, card("merged"))

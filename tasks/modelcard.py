@@ -135,10 +135,13 @@ def causal_lm_usage() -> str:
             'print(generate("Hello")[0]["generated_text"])\n')
 
 
-def classifier_usage() -> str:
+def classifier_usage(mean_pooled: bool = False, model_dir: str = "path/to/this/directory") -> str:
+    """A mean-pooled head's class is pooled_classifier.py beside the weights: remote code to transformers."""
+    remote = (", trust_remote_code=True)  # the mean-pooled head's class: pooled_classifier.py, beside the weights\n"
+              if mean_pooled else ")  # labels in config.id2label\n")
     return ("from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            'model_dir = "path/to/this/directory"\n'
-            "model = AutoModelForSequenceClassification.from_pretrained(model_dir)  # labels in config.id2label\n"
+            f'model_dir = "{model_dir}"\n'
+            f"model = AutoModelForSequenceClassification.from_pretrained(model_dir{remote}"
             "tokenizer = AutoTokenizer.from_pretrained(model_dir)\n")
 
 
@@ -203,7 +206,8 @@ def finetune_method(cfg: FinetuneConfig, objective: str) -> dict:
                "prefix": f"prefix tuning, {cfg.prefix.num_virtual_tokens} virtual tokens per layer"
                          + (", MLP reparameterisation" if cfg.prefix.prefix_projection else ""),
                "full": "full fine-tuning (every weight)"}
-    target = ("a sequence-classification head on the last token's hidden state" if objective == "classifier"
+    token = "the mean hidden state of the prompt's tokens" if cfg.pooling == "mean" else "the last token's hidden state"
+    target = (f"a sequence-classification head on {token}" if objective == "classifier"
               else "the target tokens after the prompt (loss on the target only)")
     return {"method": details[cfg.method], "objective": target, "start": f"{cfg.init} weights",
             "max length": f"{cfg.max_length} tokens (prompt and target)", "optimisation": optimisation(cfg, "examples"),
@@ -218,10 +222,14 @@ def finetune_card(kind: str, cfg: FinetuneConfig, task: TaskConfig, objective: s
     what = {"adapter": f"a PEFT {cfg.method} adapter for its base model", "model": "a fully fine-tuned model",
             "merged": "the LoRA adapter merged into its base model's weights (a plain transformers model)"}[kind]
     prompt = "conversations (the tokenizer's chat template)" if task.kind == "chat" else repr(task.prompt_template)
-    if kind == "adapter":
+    pooled = classifier and cfg.pooling == "mean"
+    if kind == "adapter" and pooled:  # PEFT would rebuild Llama's last-token head: use the merged export
+        usage = "# the adapter of a mean-pooled head; load the merged model beside it:\n" + classifier_usage(
+            True, "path/to/this/directory/../merged")
+    elif kind == "adapter":
         usage = adapter_usage(base, classifier, labels, tokenizer.pad_token_id)
     else:
-        usage = classifier_usage() if classifier else causal_lm_usage()
+        usage = classifier_usage(pooled) if classifier else causal_lm_usage()
     return Card(
         title=f"lmforge fine-tuned model ({kind}): {task.kind}",
         summary=(f"This directory is {what}, fine-tuned by lmforge's finetune step for a {task.kind} task"

@@ -2,17 +2,38 @@
 under a sequence-classification head, a finetune step's output whatever its method and objective,
 and a fine-tuned classifier read back as a language model (for held-out perplexity).
 
-    load_base_model(model_dir[, labels, pad_token_id, init]) -> causal LM or classifier
+    load_base_model(model_dir[, labels, pad_token_id, init, pooling]) -> causal LM or classifier
     load_tuned(finetune_dir, model_dir) -> the fine-tuned model (plain or PEFT-wrapped)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 OBJECTIVE_FILE = "objective.json"
-"""In a finetune step's output: {"objective", "labels", "pad_token_id"}; how load_tuned rebuilds the model."""
+"""In a finetune step's output: {"objective", "labels", "pad_token_id", "pooling"}; how load_tuned rebuilds the model."""
+
+
+MEAN_POOLED = "MeanPooledLlamaForSequenceClassification"
+"""The class of tasks/pooled_classifier.py, by name (that module imports transformers; this one does not at import)."""
+
+
+def mark_if_pooled(saved_dir: Path) -> None:
+    """A saved mean-pooled classifier loads with AutoModelForSequenceClassification (trust_remote_code):
+    its class's file beside config.json, and config.json's auto_map naming it. Other models and
+    adapters: nothing."""
+    import shutil
+
+    config_file = saved_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if MEAN_POOLED not in (config.get("architectures") or []):
+        return
+    from tasks import pooled_classifier
+
+    shutil.copy(pooled_classifier.__file__, saved_dir / Path(pooled_classifier.__file__).name)
+    config_file.write_text(json.dumps({**config, "auto_map": pooled_classifier.AUTO_MAP}, indent=2) + "\n")
 
 
 def head_settings(labels: list[str], pad_token_id: int) -> dict:
@@ -22,15 +43,21 @@ def head_settings(labels: list[str], pad_token_id: int) -> dict:
 
 
 def load_base_model(model_dir: Path, labels: list[str] | None = None, pad_token_id: int | None = None,
-                    init: str = "pretrained", **config_changes):
+                    init: str = "pretrained", pooling: str = "last", **config_changes):
     """The pretrained causal LM, or with `labels` the same decoder under a new classification head
-    (LlamaForSequenceClassification: the last non-pad position's hidden state, one logit per label).
+    (LlamaForSequenceClassification: the last non-pad position's hidden state, one logit per label;
+    pooling='mean': the mean over the non-pad positions, tasks/pooled_classifier.py).
     init='random': the same architecture from random initialisation (seeded by torch's generator)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    from tasks.pooled_classifier import MeanPooledLlamaForSequenceClassification
+
+    model_class = (AutoModelForCausalLM if labels is None else
+                   MeanPooledLlamaForSequenceClassification if pooling == "mean" else AutoModelForSequenceClassification)
     changes = {**config_changes, **({} if labels is None else head_settings(labels, pad_token_id))}
-    if init == "random":
+    if init == "random" and model_class is MeanPooledLlamaForSequenceClassification:
+        model = model_class(AutoConfig.from_pretrained(str(model_dir), **changes)).float()
+    elif init == "random":
         model = model_class.from_config(AutoConfig.from_pretrained(str(model_dir), **changes)).float()
     else:
         model = model_class.from_pretrained(str(model_dir), dtype=torch.float32, **changes)
@@ -54,12 +81,16 @@ def accept_prefix_cache(model):
 
 
 def load_saved(model_dir: Path):
-    """A full model saved by a finetune step (model/ or merged/): causal LM or sequence classifier."""
+    """A full model saved by a finetune step (model/ or merged/): causal LM or sequence classifier
+    (mean-pooled through lmforge's own class, no remote code)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tasks.pooled_classifier import MeanPooledLlamaForSequenceClassification
 
     architectures = AutoConfig.from_pretrained(str(model_dir)).architectures or []
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    model_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model_class = (MeanPooledLlamaForSequenceClassification if MEAN_POOLED in architectures
+                   else AutoModelForSequenceClassification if classifier else AutoModelForCausalLM)
     return model_class.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
@@ -71,8 +102,6 @@ def is_classifier(model) -> bool:
 
 def load_tuned(finetune_dir: Path, model_dir: Path):
     """The fine-tuned model of a finetune step's output, whatever the method and objective."""
-    import json
-
     from peft import PeftModel
 
     if (finetune_dir / "model").is_dir():
@@ -80,7 +109,7 @@ def load_tuned(finetune_dir: Path, model_dir: Path):
     meta_file = finetune_dir / OBJECTIVE_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"objective": "lm"}
     labels = meta.get("labels") if meta["objective"] == "classifier" else None
-    base = load_base_model(model_dir, labels, meta.get("pad_token_id"))
+    base = load_base_model(model_dir, labels, meta.get("pad_token_id"), pooling=meta.get("pooling", "last"))
     return PeftModel.from_pretrained(base, str(finetune_dir / "adapter"))
 
 

@@ -107,6 +107,34 @@ def copy_upstream(upstream: Path, root: Path) -> None:
 FULL_SUITE_DIRS = ("e2e", "faults")
 
 
+def save_tiny_model(model_dir: Path, labels: list[str] | None = None) -> Path:
+    """A random 1-layer Llama (a sequence classifier when `labels` are given) with a small trained BPE
+    tokenizer, saved as the pipeline exports models: for tests of what loads exported directories."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                              PreTrainedTokenizerFast)
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator([f"question {i} answer {i * 7}" for i in range(40)], trainers.BpeTrainer(
+        vocab_size=64 + 256, special_tokens=["<pad>", "<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = LlamaForCausalLM(config)
+        model.generation_config.max_new_tokens = 8
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    return model_dir
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests under tests/e2e and tests/faults run whole pipelines in subprocesses: marked `e2e`, left
     out of the fast tier (`-m "not e2e and not slow"`), which is what a developer runs between changes."""

@@ -57,8 +57,11 @@ def test_killed_train_worker_is_restarted_by_ray_train(tmp_path, fault_table, ti
     proc = start(tmp_path, "pretrain.max_failures=1")
     reached = wait_for_step(tmp_path, proc, 25)
     assert reached < 150
-    killed = subprocess.run(["pkill", "-9", "-f", "RayTrainWorker"], capture_output=True)
-    assert killed.returncode == 0, "no Ray Train worker process found to kill"
+    # this run's workers only (descendants of its driver), not those of anything else on the machine
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert workers, "no Ray Train worker process of this run found to kill"
+    for worker in workers:
+        worker.kill()
     output = finish(proc)
     assert "resumed from the checkpoint at step" in output
     assert "summary JSON" in output

@@ -5,6 +5,7 @@ and a server that goes away mid-run (the run finishes, nothing is lost, the jour
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -47,8 +48,6 @@ class Server:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            import os
-
             os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers, at once
             self.proc.wait()
 
@@ -132,15 +131,68 @@ def test_a_run_is_reviewable_through_the_servers_rest_api(first_run, server):
     history = server.get("metrics/get-history", run_id=pretrain, metric_key="loss")["metrics"]
     assert len(history) >= 3 and "loss_curve.png" in server.artifacts(pretrain)
     assert "samples.json" in server.artifacts(children["evaluate"]["info"]["run_id"])
+    fingerprints = {name: tag(run, "lmforge.fingerprint") for name, run in children.items()}
+    (tokens,) = server.get("runs/get", run_id=pretrain)["run"]["inputs"]["dataset_inputs"]  # the Dataset column
+    assert (tokens["dataset"]["name"], tokens["dataset"]["digest"]) == ("token arrays", fingerprints["tokenize"])
+    assert tokens["tags"] == [{"key": "mlflow.data.context", "value": "training"}]
 
     version = server.get("registered-models/alias", name="lmforge-tiny", alias="candidate")["model_version"]
     finetune = children["finetune"]["info"]["run_id"]
-    assert version["run_id"] == finetune and version["source"].endswith("/finetuned")
-    assert {"finetuned/adapter", "finetuned/merged"} <= server.artifacts(finetune, "finetuned")
-    assert "config.json" in {p.rsplit("/", 1)[-1] for p in server.artifacts(finetune, "finetuned/merged")}
+    assert version["run_id"] == finetune and version["source"].startswith("models:/m-")
+    assert "adapter_config.json" in {p.rsplit("/", 1)[-1] for p in server.artifacts(finetune, "finetuned/adapter")}
+    models = server.post("logged-models/search", {"experiment_ids": [experiment_id]})["models"]
+    by_run = {m["info"]["source_run_id"]: m["info"] for m in models}
+    assert f"models:/{by_run[finetune]['model_id']}" == version["source"] and by_run[finetune]["name"] == "finetuned"
+    assert by_run[pretrain]["name"] == "pretrained"  # the pretrained model too, an output of its step's run
     tags = {t["key"]: t["value"] for t in version["tags"]}
     assert tags["lmforge.fingerprint"] == tag(children["finetune"], "lmforge.fingerprint")
     assert "finetuned_accuracy" in tags
+
+
+def test_the_registered_model_loads_and_serves_with_mlflow(first_run, server, monkeypatch, tmp_path):
+    """What an MLflow user does with a registered version: pyfunc and transformers loaders by alias,
+    and `mlflow models serve` on loopback answering /invocations; the pretrained model generates."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    prompt = "def fileConfig(fname):\n### Label:"  # the tiny task's prompt format
+    steps = {s["name"]: s for s in first_run[1]["steps"]}
+    labels = json.loads((Path(steps["taskdata"]["out_dir"]) / "labels.json").read_text())
+    predicted = mlflow.pyfunc.load_model("models:/lmforge-tiny@candidate").predict([prompt])
+    assert predicted["label"][0] in labels and 0 < predicted["score"][0] <= 1
+    pipe = mlflow.transformers.load_model("models:/lmforge-tiny@candidate")
+    assert pipe.task == "text-classification" and pipe(prompt)[0]["label"] == predicted["label"][0]
+
+    experiment_id = server.get("runs/get", run_id=steps["pretrain"]["run_id"])["run"]["info"]["experiment_id"]
+    (logged,) = [m["info"] for m in server.post("logged-models/search", {"experiment_ids": [experiment_id]})["models"]
+                 if m["info"]["source_run_id"] == steps["pretrain"]["run_id"]]
+    generated = mlflow.pyfunc.load_model(f"models:/{logged['model_id']}").predict(["def "], params={"max_new_tokens": 4})
+    assert isinstance(generated[0], str) and generated[0].startswith("def ")
+
+    port, log = free_port(), tmp_path / "serve.log"
+    bin_dir = str(Path(sys.executable).parent)  # the scoring server's uvicorn, as in an activated venv
+    with open(log, "w") as out:
+        serving = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/lmforge-tiny@candidate",
+                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": [prompt]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    served = json.loads(answer.read())["predictions"]
+                break
+            except OSError:
+                assert serving.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        assert served[0]["label"] == predicted["label"][0]
+    finally:
+        if serving.poll() is None:
+            os.killpg(serving.pid, signal.SIGKILL)
+        serving.wait()
 
 
 def test_a_cached_rerun_reuses_the_registered_version(first_run, root, server):

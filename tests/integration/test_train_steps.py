@@ -56,15 +56,16 @@ def test_pretrain_logs_and_exports_a_loadable_model(steps):
     assert model.config.num_hidden_layers == cfg.model.num_layers
 
 
-@pytest.mark.parametrize("method,zero_stage,objective", [("lora", 2, "classifier"), ("prefix", 3, "classifier"),
-                                                        ("full", 3, "classifier"), ("lora", 2, "lm")])
-def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage, objective):
+@pytest.mark.parametrize("method,zero_stage,objective,pooling", [
+    ("lora", 2, "classifier", "last"), ("prefix", 3, "classifier", "last"), ("full", 3, "classifier", "last"),
+    ("lora", 2, "lm", "last"), ("lora", 2, "classifier", "mean")])
+def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage, objective, pooling):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     cfg, dirs, _ = steps
     ft, metrics = run_finetune(cfg, dirs, tmp_path / "finetune", method=method, zero_stage=zero_stage,
-                               objective=objective)
+                               objective=objective, pooling=pooling)
     base = models.load_base_model(dirs["pretrain"] / "model")
     labels = taskdata.load_labels(dirs["taskdata"])
     total = sum(p.numel() for p in base.parameters())
@@ -79,12 +80,19 @@ def test_finetune_then_evaluate(steps, tmp_path, method, zero_stage, objective):
     else:
         assert 0 < metrics["trainable_parameters"] < total
         head_base = models.load_base_model(dirs["pretrain"] / "model", labels if objective == "classifier" else None,
-                                             base.config.pad_token_id)
+                                             base.config.pad_token_id, pooling=pooling)
         assert isinstance(PeftModel.from_pretrained(head_base, tmp_path / "finetune" / "adapter"), PeftModel)
     if objective == "classifier" and method != "prefix":  # a plain Hugging Face classifier, labels included
-        exported = AutoModelForSequenceClassification.from_pretrained(
-            tmp_path / "finetune" / ("model" if method == "full" else "merged"))
+        saved = tmp_path / "finetune" / ("model" if method == "full" else "merged")
+        # a mean-pooled head ships its class's file: Hugging Face loads it as remote code, the same function
+        exported = AutoModelForSequenceClassification.from_pretrained(saved, trust_remote_code=pooling == "mean")
         assert [exported.config.id2label[i] for i in range(len(labels))] == labels
+        assert type(exported).__name__ == ("MeanPooledLlamaForSequenceClassification" if pooling == "mean"
+                                           else "LlamaForSequenceClassification")
+        pad = exported.config.pad_token_id
+        probe = torch.tensor([[15, 16, 17, 18], [pad, pad, 19, 20]])  # the second row left-padded
+        assert torch.allclose(exported(input_ids=probe).logits, models.load_tuned(tmp_path / "finetune",
+                              dirs["pretrain"] / "model").eval()(input_ids=probe).logits, atol=1e-5)
 
     out = tmp_path / "evaluate"
     out.mkdir()

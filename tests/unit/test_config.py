@@ -62,9 +62,12 @@ def test_wrong_type_is_rejected():
     ("data.paths=[README.md]", "data.paths"),  # the default data=stdlib is still active: say which override
     ("task.train_path=README.md", "task.train_path"),  # the built-in task would ignore the file
     ("paths.root=README.md", "paths.root"),  # a file: one line, not Hydra's NotADirectoryError
+    ("finetune.pooling=max", "finetune.pooling"),
+    (("finetune.method=prefix", "finetune.pooling=mean"), "finetune.pooling"),  # PEFT rebuilds a last-token head
+    (("finetune.objective=lm", "finetune.pooling=mean"), "finetune.pooling"),
 ])
 def test_inconsistent_config_names_the_key(override, key):
-    cfg = compose_config(["+experiment=tiny", override])
+    cfg = compose_config(["+experiment=tiny", *([override] if isinstance(override, str) else override)])
     with pytest.raises(UserError, match=f"^{key}"):
         validate(cfg)
 

@@ -162,6 +162,26 @@ def test_a_task_file_edited_in_place_reruns_taskdata_and_says_so(tiny_cfg, tmp_p
     assert second["finetune"].fingerprint != first["finetune"].fingerprint
 
 
+def test_each_step_names_the_data_sets_it_reads_with_their_digests(tiny_cfg, tmp_path):
+    """What MLflow's Dataset column shows per step: upstream data products by fingerprint, the user's
+    files by what the fingerprint holds of them, each in its role."""
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(f'{{"text": "row {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(40)))
+    cfg = dataclasses.replace(tiny_cfg, task=dataclasses.replace(tiny_cfg.task, builtin=None, train_path=str(data)))
+    planned = {p.step.name: p for p in dag.plan(cfg, tmp_path)}
+    read = {name: {(d["name"], d["digest"], d["context"]) for d in dag.datasets_read(p, tmp_path)}
+            for name, p in planned.items()}
+    fp = {name: p.fingerprint for name, p in planned.items()}
+    assert read["ingest"] == {("corpus", planned["ingest"].view["sources_digest"], "source")}
+    assert read["tokenize"] == {("corpus shards", fp["ingest"], "preprocessing")}
+    assert read["pretrain"] == {("token arrays", fp["tokenize"], "training")}
+    assert read["taskdata"] == {("task train", planned["taskdata"].view["file_digests"]["train_path"], "source")}
+    assert read["finetune"] == {("task splits", fp["taskdata"], "training")}
+    assert read["evaluate"] == {("token arrays", fp["tokenize"], "evaluation"), ("task splits", fp["taskdata"], "evaluation")}
+    (split,) = dag.datasets_read(planned["finetune"], tmp_path)
+    assert split["source"] == str(tmp_path / "taskdata" / fp["taskdata"])
+
+
 def test_an_augmentation_lexicon_counts_by_its_bytes(tiny_cfg, tmp_path):
     lexicon = tmp_path / "lexicon.json"
     lexicon.write_text('{"good": ["fine"]}')

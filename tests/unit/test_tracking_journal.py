@@ -8,6 +8,7 @@ import pytest
 from pipelines import tracking
 from pipelines.journal import Journal
 from tasks.common import UserError
+from tests.conftest import save_tiny_model
 from tests.integration.test_resume import free_port
 
 
@@ -25,16 +26,17 @@ def record_a_run(tmp_path):
     tracker = tracking.Tracker(dead_uri(), "exp", tmp_path, on_unreachable="journal")
     parent = tracker.start("tiny", {"pretrain": {"lr": 0.1}, "api_token": "s3cret"}, {"lmforge.experiment": "tiny"})
     child = tracker.start_step("finetune", "fp123", "run", "no earlier run", {"finetune": {"r": 4}})
+    tracker.log_inputs(child, [{"name": "task splits", "digest": "fp456", "source": "/runs/taskdata/fp456",
+                                "context": "training"}])
     logger = tracker.metric_logger(child)
     for step in range(1, 4):
         logger({"loss": 1.0 / step, "flag": True}, step)  # what a training worker does
-    model = tmp_path / "merged"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = save_tiny_model(tmp_path / "merged", labels=["no", "yes"])
     (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "val_loss": 1.7}\n')
     tracker.log_loss_curve(child, tmp_path / "history.jsonl", "finetune loss")
     tracker.log_table(parent, [{"model": "finetuned", "accuracy": 0.5}], "evaluation.json")
-    tracker.register_model("lmforge-tiny", "candidate", child, {"merged": model}, {"lmforge.fingerprint": "fp123"})
+    tracker.register_model("lmforge-tiny", "candidate", child, {"merged": model}, {"lmforge.fingerprint": "fp123"},
+                           "question 3\n### Label:")
     tracker.end(child)
     tracker.set_tags(parent, {"lmforge.cache_hits": "0/1"})
     tracker.end(parent)
@@ -72,7 +74,34 @@ def test_every_call_is_journaled_and_replayed_once_even_when_interrupted(tmp_pat
     assert child_run.data.tags["mlflow.parentRunId"] == ids[parent]
     assert [m.value for m in client.get_metric_history(ids[child], "loss")] == [1.0, 0.5, 1.0 / 3]
     assert "flag" not in child_run.data.metrics
-    assert {a.path for a in client.list_artifacts(ids[child])} >= {"loss_curve.png", "finetuned"}
+    assert {a.path for a in client.list_artifacts(ids[child])} >= {"loss_curve.png"}
     assert {a.path for a in client.list_artifacts(ids[parent])} == {"evaluation.json"}
+    (read,) = child_run.inputs.dataset_inputs
+    assert (read.dataset.name, read.dataset.digest, read.dataset.source) == ("task splits", "fp456", "/runs/taskdata/fp456")
+    assert [(t.key, t.value) for t in read.tags] == [("mlflow.data.context", "training")]
     version = client.get_model_version_by_alias("lmforge-tiny", "candidate")
     assert version.run_id == ids[child] and version.tags["lmforge.fingerprint"] == "fp123"
+    assert version.source.startswith("models:/m-")  # a LoggedModel, in the transformers flavor
+    from mlflow.pyfunc import load_model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(store):
+        predicted = load_model("models:/lmforge-tiny@candidate").predict(["question 3\n### Label:"])
+    assert list(predicted["label"]) in (["no"], ["yes"]) and 0 < predicted["score"][0] <= 1
+
+
+def test_a_prefix_tuned_result_is_registered_as_its_adapter_files(tmp_path, monkeypatch):
+    """No full weights to put in MLflow's transformers flavor: the version is the adapter's files."""
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker(store, "exp", tmp_path)
+    tracker.start("tiny", {}, {})
+    child = tracker.start_step("finetune", "fp9", "run", "no earlier run", {})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    assert tracker.register_model("lmforge-p", "candidate", child, {"adapter": adapter},
+                                  {"lmforge.fingerprint": "fp9"}, "x") == "1"
+    client = tracking._client(store)
+    assert client.get_model_version_by_alias("lmforge-p", "candidate").source.endswith(f"{child}/artifacts/finetuned")
+    assert [a.path for a in client.list_artifacts(child, "finetuned/adapter")] == ["finetuned/adapter/adapter_config.json"]

@@ -1,0 +1,71 @@
+"""Exported models as MLflow models (part of pipelines/tracking.py, the only module that talks to
+MLflow): an exported directory in MLflow's `transformers` flavor (MLmodel, pipeline task, signature,
+input example, pinned requirements), logged as an MLflow 3 LoggedModel linked to the step's run, so
+`mlflow.pyfunc.load_model`, `mlflow.transformers.load_model` and `mlflow models serve` work on it.
+
+A sequence classifier becomes a `text-classification` pipeline (labels from config.id2label), anything
+else `text-generation` (greedy, the exported generation defaults; `max_new_tokens` a param). A
+prefix-tuned result has no merged weights (PEFT's prefix tuning of a sequence classifier needs
+lmforge's loader, tasks/models.py), and a mean-pooled classifier's class is code shipped beside its
+weights: both stay registered as plain files (`full_weights` is None).
+"""
+from __future__ import annotations
+
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors")
+"""Pinned from this environment; MLflow's defaults for the flavor add torchvision, which a text model
+does not use (and this environment does not have)."""
+
+
+def requirements() -> list[str]:
+    return [f"{name}=={version(name)}" for name in REQUIREMENTS]
+
+
+def full_weights(dirs: dict[str, str]) -> str | None:
+    """The directory of an exported result's full weights (merged LoRA or full fine-tuning) that the
+    flavor can rebuild: not a mean-pooled classifier, whose class is remote code beside its weights."""
+    import json
+
+    from tasks.models import MEAN_POOLED
+
+    found = next((dirs[sub] for sub in ("merged", "model") if sub in dirs), None)
+    if found is None or MEAN_POOLED in json.loads((Path(found) / "config.json").read_text()).get("architectures", []):
+        return None
+    return found
+
+
+def save_flavor(model_dir: str, example: str, out: Path) -> None:
+    """An exported model directory as an MLflow model at `out`."""
+    import mlflow.transformers
+    from mlflow.models import infer_signature
+    from transformers import AutoTokenizer
+
+    from tasks.models import is_classifier, load_saved
+
+    model = load_saved(Path(model_dir))
+    if is_classifier(model):
+        task, signature = "text-classification", infer_signature(example, {"label": "label", "score": 1.0})
+    else:
+        task = "text-generation"
+        signature = infer_signature(example, "generated text",
+                                    params={"max_new_tokens": model.generation_config.max_new_tokens or 32})
+    mlflow.transformers.save_model({"model": model, "tokenizer": AutoTokenizer.from_pretrained(model_dir)}, str(out),
+                                   task=task, signature=signature, input_example=example,
+                                   pip_requirements=requirements())
+
+
+def log_model(client, run_id: str, name: str, model_dir: str, example: str) -> str:
+    """Log `model_dir` as a LoggedModel named `name`, an output of run `run_id`; returns its model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix="lmforge-mlflow-model-") as tmp:
+        save_flavor(model_dir, example, Path(tmp) / "model")
+        client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
