@@ -26,7 +26,7 @@ OVERRIDES = ["ray.num_cpus=2", "pretrain.max_steps=120", "pretrain.checkpoint_ev
 TIMING = {"seconds", "train_seconds", "tokens_per_s", "served_tokens_per_s", "mfu", "memory_gb", "time",
           "elapsed_s", "eta_s", "samples_per_s", "tokens_per_second", "step_seconds",
           "units_reused"}  # ingest work units an earlier, killed attempt finished
-NUM_KILLS = 5
+NUM_KILLS = 3  # the first mid-pretraining, two at random moments; each relaunch costs a Ray start
 
 
 def launch(root):
