@@ -27,7 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines import figures, tracking_models
+from pipelines import figures
+from pipelines.tracking_models import apply_log_model, apply_register, run_of
 from pipelines.journal import PENDING, Journal, pending_id
 from pipelines.redaction import redact, redact_text
 from tasks.common import UserError
@@ -135,10 +136,6 @@ def _client(uri: str):
 
 # --- the calls, one function each, used live and when a journal is replayed -------------------
 
-def _run(call: dict, ids: dict) -> str:
-    return ids.get(call["run"], call["run"])
-
-
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 """Opens the experiment in MLflow's model-training view (runs, metrics, models), not its GenAI view."""
 
@@ -163,72 +160,36 @@ def apply_create_run(client, call: dict, ids: dict) -> str:
 def apply_log_batch(client, call: dict, ids: dict) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
-    client.log_batch(_run(call, ids), metrics=[Metric(*m) for m in call.get("metrics", [])],
+    client.log_batch(run_of(call, ids), metrics=[Metric(*m) for m in call.get("metrics", [])],
                      params=[Param(*p) for p in call.get("params", [])], tags=[RunTag(*t) for t in call.get("tags", [])])
 
 
 def apply_log_artifact(client, call: dict, ids: dict) -> None:
     if Path(call["path"]).is_dir():
-        client.log_artifacts(_run(call, ids), call["path"], call.get("artifact_path"))
+        client.log_artifacts(run_of(call, ids), call["path"], call.get("artifact_path"))
     else:
-        client.log_artifact(_run(call, ids), call["path"], call.get("artifact_path"))
+        client.log_artifact(run_of(call, ids), call["path"], call.get("artifact_path"))
 
 
 def apply_log_text(client, call: dict, ids: dict) -> None:
-    client.log_text(_run(call, ids), call["text"], call["name"])
+    client.log_text(run_of(call, ids), call["text"], call["name"])
 
 
 def apply_log_table(client, call: dict, ids: dict) -> None:
-    client.log_table(_run(call, ids), data=call["data"], artifact_file=call["name"])
+    client.log_table(run_of(call, ids), data=call["data"], artifact_file=call["name"])
 
 
 def apply_log_inputs(client, call: dict, ids: dict) -> None:
     """The data sets a step read (MLflow's Dataset column): name, digest, where they are, in which role."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    client.log_inputs(_run(call, ids), datasets=[
+    client.log_inputs(run_of(call, ids), datasets=[
         DatasetInput(Dataset(d["name"], d["digest"], "local" if "://" not in d["source"] else "uri", d["source"]),
                      tags=[InputTag("mlflow.data.context", d["context"])]) for d in call["datasets"]])
 
 
 def apply_terminate(client, call: dict, ids: dict) -> None:
-    client.set_terminated(_run(call, ids), status=call["status"], end_time=call["end_time"])
-
-
-def apply_log_model(client, call: dict, ids: dict) -> str:
-    return tracking_models.log_model(client, _run(call, ids), call["name"], call["model_dir"], call["example"])
-
-
-def apply_register(client, call: dict, ids: dict) -> str:
-    """One registry version per fine-tuned result (by fingerprint): its full weights logged once in
-    MLflow's transformers flavor (a LoggedModel of the step's run), a PEFT adapter as files under
-    `finetuned/adapter`, and the alias moves to it. A result the flavor cannot rebuild (prefix tuning,
-    a mean-pooled head) is its files under `finetuned/`."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    name, run_id, fingerprint, dirs = call["name"], _run(call, ids), call["fingerprint"], call["dirs"]
-    found = client.search_model_versions(f"name='{name}' and tag.`lmforge.fingerprint`='{fingerprint}'")
-    if found:
-        version = max(found, key=lambda v: int(v.version)).version
-    else:
-        weights, model_id = tracking_models.full_weights(dirs), None
-        for sub, path in dirs.items():
-            if sub == "adapter" or not weights:
-                client.log_artifacts(run_id, path, f"finetuned/{sub}")
-        if weights:
-            model_id = tracking_models.log_model(client, run_id, "finetuned", weights, call["example"])
-        try:
-            client.create_registered_model(name, description="Fine-tuned by lmforge (pipelines.run).")
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/finetuned"
-        with _use_tracking_uri(client.tracking_uri):  # a local registry finds the LoggedModel through it
-            version = client.create_model_version(name, source, run_id=run_id, tags=call["tags"],
-                                                  model_id=model_id).version
-    client.set_registered_model_alias(name, call["alias"], version)
-    return str(version)
+    client.set_terminated(run_of(call, ids), status=call["status"], end_time=call["end_time"])
 
 
 APPLY: dict[str, Callable] = {

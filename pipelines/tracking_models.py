@@ -8,6 +8,9 @@ else `text-generation` (greedy, the exported generation defaults; `max_new_token
 prefix-tuned result has no merged weights (PEFT's prefix tuning of a sequence classifier needs
 lmforge's loader, tasks/models.py), and a mean-pooled classifier's class is code shipped beside its
 weights: both stay registered as plain files (`full_weights` is None).
+
+It also holds the two model calls of tracking.APPLY (used live and when a journal is replayed):
+`log_model` (a pretrained model) and `register` (a fine-tuned result into the Model Registry).
 """
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ from pathlib import Path
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors")
 """Pinned from this environment; MLflow's defaults for the flavor add torchvision, which a text model
 does not use (and this environment does not have)."""
+
+
+def run_of(call: dict, ids: dict) -> str:
+    """The real run id of a tracking call (a journal replay maps pending ids to the runs it created)."""
+    return ids.get(call["run"], call["run"])
 
 
 def requirements() -> list[str]:
@@ -69,3 +77,41 @@ def log_model(client, run_id: str, name: str, model_dir: str, example: str) -> s
     client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=0)])
     return model.model_id
+
+
+# --- the journal's model calls (tracking.APPLY) ---------------------------------------------------
+
+def apply_log_model(client, call: dict, ids: dict) -> str:
+    return log_model(client, run_of(call, ids), call["name"], call["model_dir"], call["example"])
+
+
+def apply_register(client, call: dict, ids: dict) -> str:
+    """One registry version per fine-tuned result (by fingerprint): its full weights logged once in
+    MLflow's transformers flavor (a LoggedModel of the step's run), a PEFT adapter as files under
+    `finetuned/adapter`, and the alias moves to it. A result the flavor cannot rebuild (prefix tuning,
+    a mean-pooled head) is its files under `finetuned/`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    name, run_id, fingerprint, dirs = call["name"], run_of(call, ids), call["fingerprint"], call["dirs"]
+    found = client.search_model_versions(f"name='{name}' and tag.`lmforge.fingerprint`='{fingerprint}'")
+    if found:
+        version = max(found, key=lambda v: int(v.version)).version
+    else:
+        weights, model_id = full_weights(dirs), None
+        for sub, path in dirs.items():
+            if sub == "adapter" or not weights:
+                client.log_artifacts(run_id, path, f"finetuned/{sub}")
+        if weights:
+            model_id = log_model(client, run_id, "finetuned", weights, call["example"])
+        try:
+            client.create_registered_model(name, description="Fine-tuned by lmforge (pipelines.run).")
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/finetuned"
+        with _use_tracking_uri(client.tracking_uri):  # a local registry finds the LoggedModel through it
+            version = client.create_model_version(name, source, run_id=run_id, tags=call["tags"],
+                                                  model_id=model_id).version
+    client.set_registered_model_alias(name, call["alias"], version)
+    return str(version)
