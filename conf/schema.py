@@ -57,9 +57,9 @@ class TrackingConfig:
     work; 'journal' runs anyway and keeps the tracking calls in <root>/runs/journal-*/ for
     `python -m pipelines.tracking replay`. A server lost mid-run is always journaled."""
     register_model: bool = True
-    """Register each fine-tuned result in the MLflow Model Registry, as an MLflow model (transformers
-    flavor: merged/full weights, or base + adapter for prefix tuning), and log a pretrained model that
-    ran as an MLflow model of its step's run."""
+    """Register each fine-tuned result in the MLflow Model Registry as an MLflow model (transformers
+    flavor, from the merged or fully tuned weights; prefix-tuned and mean-pooled results as their files),
+    and log a pretrained model that ran as an MLflow model of its step's run."""
     registered_model: str = ""
     """Registered model name ('' : lmforge-<experiment_name>, plus -<branch> for each branch)."""
     model_alias: str = "candidate"

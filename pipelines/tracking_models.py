@@ -35,14 +35,10 @@ def requirements() -> list[str]:
 def full_weights(dirs: dict[str, str]) -> str | None:
     """The directory of an exported result's full weights (merged LoRA or full fine-tuning) that the
     flavor can rebuild: not a mean-pooled classifier, whose class is remote code beside its weights."""
-    import json
-
-    from tasks.models import MEAN_POOLED
+    from tasks.models import is_mean_pooled
 
     found = next((dirs[sub] for sub in ("merged", "model") if sub in dirs), None)
-    if found is None or MEAN_POOLED in json.loads((Path(found) / "config.json").read_text()).get("architectures", []):
-        return None
-    return found
+    return None if found is None or is_mean_pooled(Path(found)) else found
 
 
 def save_flavor(model_dir: str, example: str, out: Path) -> None:

@@ -20,20 +20,29 @@ MEAN_POOLED = "MeanPooledLlamaForSequenceClassification"
 """The class of tasks/pooled_classifier.py, by name (that module imports transformers; this one does not at import)."""
 
 
+def saved_config(saved_dir: Path) -> dict:
+    """config.json of a saved model directory ({} for an adapter directory, which has none)."""
+    config_file = Path(saved_dir) / "config.json"
+    return json.loads(config_file.read_text()) if config_file.exists() else {}
+
+
+def is_mean_pooled(saved_dir: Path) -> bool:
+    return MEAN_POOLED in (saved_config(saved_dir).get("architectures") or [])
+
+
 def mark_if_pooled(saved_dir: Path) -> None:
     """A saved mean-pooled classifier loads with AutoModelForSequenceClassification (trust_remote_code):
     its class's file beside config.json, and config.json's auto_map naming it. Other models and
     adapters: nothing."""
     import shutil
 
-    config_file = saved_dir / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    if MEAN_POOLED not in (config.get("architectures") or []):
+    if not is_mean_pooled(saved_dir):
         return
     from tasks import pooled_classifier
 
     shutil.copy(pooled_classifier.__file__, saved_dir / Path(pooled_classifier.__file__).name)
-    config_file.write_text(json.dumps({**config, "auto_map": pooled_classifier.AUTO_MAP}, indent=2) + "\n")
+    config = {**saved_config(saved_dir), "auto_map": pooled_classifier.AUTO_MAP}
+    (saved_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def head_settings(labels: list[str], pad_token_id: int) -> dict:
