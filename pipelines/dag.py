@@ -64,7 +64,7 @@ def evaluate_identity(section: EvaluateStepConfig) -> dict:
 
 
 def ingest_identity(section) -> dict:
-    """The corpus files by name, size and modification time; a language-identification model file by its bytes."""
+    """The corpus files by name, size and bytes (remote ones by modification time); a language-identification model file by its bytes."""
     view = {**identity(section), "sources_digest": ingest.sources_digest(section)}
     if section.filters.language_model and section.filters.languages:
         view["language_model_digest"] = sources.content_digest(section.filters.language_model,

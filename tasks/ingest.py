@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.schema import DataConfig
-from tasks import dedup, mixing, quality, units
+from tasks import dedup, file_digests, mixing, quality, units
 from tasks.common import TaskContext, UserError, hash_fraction, stable_hash, write_json, write_jsonl
 from tasks.sources import TEXT_SUFFIXES, Part, Source, find_sources, read_part, split_suffix
 
@@ -86,11 +86,12 @@ def list_sources(cfg: DataConfig) -> list[Source]:
 
 
 def sources_digest(cfg: DataConfig) -> str:
-    """Identity of the input files (name, size, modification time): a changed corpus reruns ingest."""
-    parts = []
-    for source in list_sources(cfg):
-        parts.append(f"{source.kind}:{source.key}:{source.size}:{source.mtime_ns}")
-    return stable_hash("\n".join(parts))
+    """Identity of the input files: a local file by its name, size and bytes (tasks/file_digests.py:
+    a file copied or touched with the same bytes keeps it), a remote one by name, size and
+    modification time. A changed corpus reruns ingest."""
+    chosen = list_sources(cfg)
+    local = file_digests.local_digests([s.key for s in chosen if s.kind == "file" and "://" not in s.key])
+    return stable_hash("\n".join(f"{s.kind}:{s.key}:{s.size}:{local.get(s.key, s.mtime_ns)}" for s in chosen))
 
 
 def sample_sources(sources: list[Source], max_bytes: int, seed: int) -> list[Source]:

@@ -162,6 +162,34 @@ def test_a_task_file_edited_in_place_reruns_taskdata_and_says_so(tiny_cfg, tmp_p
     assert second["finetune"].fingerprint != first["finetune"].fingerprint
 
 
+def test_a_touched_or_copied_corpus_keeps_its_fingerprint_and_an_edited_one_reruns_ingest(tmp_path, digest_cache,
+                                                                                          monkeypatch):
+    """A fresh clone or a copy without -p changes only modification times: ingest (and an hour of
+    pretraining after it) stays cached. Same-size edits rerun it. Each file is read once per
+    (size, mtime, inode): the digest cache remembers it."""
+    import os
+
+    from tasks import file_digests
+
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("It was a dark and stormy night. " * 40)
+    cfg = compose_config(["+experiment=tiny", "data=files", f"data.paths=[{tmp_path}/*.txt]", f"paths.root={tmp_path}"])
+    reads = []
+    real = file_digests.sha256_of
+    monkeypatch.setattr(file_digests, "sha256_of", lambda path: reads.append(path) or real(path))
+    before = fingerprints(cfg, tmp_path)
+    assert fingerprints(cfg, tmp_path) == before and reads == [str(corpus)]  # the second plan read nothing
+    os.utime(corpus, ns=(1, 1))  # touched
+    assert fingerprints(cfg, tmp_path) == before and len(reads) == 2
+    corpus.unlink()
+    corpus.write_text("It was a dark and stormy night. " * 40)  # copied back: another inode and mtime
+    assert fingerprints(cfg, tmp_path) == before
+    corpus.write_text("It was a dark and stormy NIGHT. " * 40)  # same size, other bytes
+    changed = {p.step.name: p for p in dag.plan(cfg, tmp_path)}
+    assert changed["ingest"].fingerprint != before["ingest"] and changed["pretrain"].fingerprint != before["pretrain"]
+    assert digest_cache.exists()
+
+
 def test_each_step_names_the_data_sets_it_reads_with_their_digests(tiny_cfg, tmp_path):
     """What MLflow's Dataset column shows per step: upstream data products by fingerprint, the user's
     files by what the fingerprint holds of them, each in its role."""
