@@ -109,7 +109,7 @@ class Step:
 STEPS = (
     Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity),
     Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",), identity=tokenize_identity),
-    Step("pretrain", 2, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
+    Step("pretrain", 3, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
          train=lambda s: s.pretrain),
     Step("taskdata", 1, taskdata.run, lambda c: c.task, identity=taskdata_identity),
     Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata")),

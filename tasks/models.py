@@ -51,6 +51,46 @@ def head_settings(labels: list[str], pad_token_id: int) -> dict:
             "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": pad_token_id}
 
 
+TIED_IN_TRAINING = "lmforge_tied_embeddings"
+"""config.json key of a model trained with its output head tied to the input embeddings and saved untied."""
+
+
+def untie_saved_head(model_dir: Path) -> None:
+    """A saved model whose head is tied to the input embeddings rewritten with the head as its own copy
+    (`lm_head.weight`, equal values) and `tie_word_embeddings: false`: the same function, but one that
+    `tie_weights()` leaves alone. An adapter that trains `embed_tokens` (modules_to_save) keeps the
+    frozen head it trained against in every loading path: PeftModel, AutoPeftModel, and PeftModel +
+    tie_weights() as lm-evaluation-harness calls it (tied, that call would move the head onto the
+    trained embedding copy). lmforge's own loader ties them again (load_base_model), so fine-tuning
+    trains what pretraining trained."""
+    from safetensors.torch import load_file, save_file
+
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if not config.get("tie_word_embeddings"):
+        return
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    shard = index["weight_map"]["model.embed_tokens.weight"] if index else "model.safetensors"
+    weights = load_file(str(model_dir / shard))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(model_dir / shard), metadata={"format": "pt"})
+    if index:
+        index["weight_map"]["lm_head.weight"] = shard
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path.write_text(json.dumps({**config, "tie_word_embeddings": False, TIED_IN_TRAINING: True},
+                                      indent=2, sort_keys=True) + "\n")
+
+
+def retie(model):
+    """The head tied to the input embeddings again, for a model saved by untie_saved_head."""
+    head = model.get_output_embeddings()
+    if getattr(model.config, TIED_IN_TRAINING, False) and head is not None:
+        head.weight = model.get_input_embeddings().weight
+        model.config.tie_word_embeddings = True
+    return model
+
+
 def load_base_model(model_dir: Path, labels: list[str] | None = None, pad_token_id: int | None = None,
                     init: str = "pretrained", pooling: str = "last", **config_changes):
     """The pretrained causal LM, or with `labels` the same decoder under a new classification head
@@ -70,7 +110,7 @@ def load_base_model(model_dir: Path, labels: list[str] | None = None, pad_token_
         model = model_class.from_config(AutoConfig.from_pretrained(str(model_dir), **changes)).float()
     else:
         model = model_class.from_pretrained(str(model_dir), dtype=torch.float32, **changes)
-    return model if labels is None else accept_prefix_cache(model)
+    return retie(model) if labels is None else accept_prefix_cache(model)
 
 
 def accept_prefix_cache(model):

@@ -1,8 +1,8 @@
 """A Llama sequence classifier that reads the mean of the last hidden states over the prompt's tokens
 (`finetune.pooling=mean`) instead of the last token's. On a small model pretrained on a novel, the
 last position has learned to predict the next word, not to summarise the sentence; the mean keeps
-what every position knows (benchmarks/reference_classifier.py --pooling mean; README, "Models that
-do the task").
+what every position knows (benchmarks/reference_classifier.py --pooling mean; docs/quality.md, "Mean pooling in the
+pipeline").
 
 This file needs only torch and transformers: it is copied into every exported directory of such a
 model, whose config.json maps AutoModelForSequenceClassification to it, so Hugging Face users load

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from conf.schema import ModelConfig, PretrainStepConfig
-from tasks import modelcard, training
+from tasks import modelcard, models, training
 from tasks.common import TaskContext
 from tasks.tokenize import load_split, load_tokenizer
 
@@ -119,6 +119,7 @@ def export(module: torch.nn.Module, tokenize_dir: Path, out_dir: Path, probe_ids
     export_dir = out_dir / "model"
     modelcard.set_generation_defaults(module, tokenizer)
     module.save_pretrained(str(export_dir), safe_serialization=True)
+    models.untie_saved_head(export_dir)
     for item in (tokenize_dir / "tokenizer").iterdir():
         shutil.copy(item, export_dir / item.name)
     modelcard.write_card(export_dir, card)

@@ -170,3 +170,36 @@ def test_the_cards_loading_code_works_from_another_directory(runs, name, sub, tm
     if "classifier" in name:
         labels = taskdata.load_labels(dirs["taskdata"])
         assert [model.config.id2label[i] for i in range(len(labels))] == labels
+
+
+def test_an_adapter_that_trains_the_embeddings_is_one_function_in_every_loading_path(runs):
+    """lora_lm trains a copy of embed_tokens (modules_to_save) over a model pretrained with its head tied
+    to the embeddings. The pretrained model is exported untied (equal values), so PeftModel,
+    PeftModel + tie_weights() (what lm-evaluation-harness calls after loading `peft=`),
+    AutoPeftModelForCausalLM and merged/ all compute what the pipeline trained and evaluated."""
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import load_base_model, load_tuned
+
+    _, _, dirs = runs
+    base_dir, adapter_dir = dirs["pretrain"] / "model", dirs["lora_lm"] / "adapter"
+    assert "embed_tokens" in json.loads((adapter_dir / "adapter_config.json").read_text())["modules_to_save"]
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 21, 60]])
+    with torch.no_grad():
+        trained = load_tuned(dirs["lora_lm"], base_dir).eval()
+        expected = trained(input_ids=ids).logits
+        tied_base = load_base_model(base_dir)  # lmforge's loader: tied, as in pretraining
+        assert tied_base.get_output_embeddings().weight is tied_base.get_input_embeddings().weight
+        copy = trained.base_model.model.model.embed_tokens.modules_to_save["default"].weight
+        assert not torch.equal(copy, tied_base.get_input_embeddings().weight)  # the adapter moved the embeddings
+        paths = {"PeftModel": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)}
+        paths["PeftModel + tie_weights()"] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                                                       adapter_dir)
+        paths["PeftModel + tie_weights()"].tie_weights()
+        paths["AutoPeftModelForCausalLM"] = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+        paths["merged/"] = AutoModelForCausalLM.from_pretrained(dirs["lora_lm"] / "merged")
+        for name, model in paths.items():
+            error = (model.eval()(input_ids=ids).logits - expected).abs().max().item()
+            assert error < 1e-4, f"{name}: logits differ by {error:.3g}"
