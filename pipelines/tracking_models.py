@@ -6,8 +6,10 @@ input example, pinned requirements), logged as an MLflow 3 LoggedModel linked to
 A sequence classifier becomes a `text-classification` pipeline (labels from config.id2label), anything
 else `text-generation` (greedy, the exported generation defaults; `max_new_tokens` a param). A
 prefix-tuned result has no merged weights (PEFT's prefix tuning of a sequence classifier needs
-lmforge's loader, tasks/models.py), and a mean-pooled classifier's class is code shipped beside its
-weights: both stay registered as plain files (`full_weights` is None).
+lmforge's loader, tasks/models.py): it stays registered as its adapter's files (`full_weights` is
+None). A mean-pooled classifier is loaded as its exported directory declares it (auto_map, remote
+code from the directory itself): the flavor saves the class file with the weights, and MLflow's
+loaders rebuild that class.
 
 It also holds the two model calls of tracking.APPLY (used live and when a journal is replayed):
 `log_model` (a pretrained model) and `register` (a fine-tuned result into the Model Registry).
@@ -33,12 +35,22 @@ def requirements() -> list[str]:
 
 
 def full_weights(dirs: dict[str, str]) -> str | None:
-    """The directory of an exported result's full weights (merged LoRA or full fine-tuning) that the
-    flavor can rebuild: not a mean-pooled classifier, whose class is remote code beside its weights."""
-    from tasks.models import is_mean_pooled
+    """The directory of an exported result's full weights (merged LoRA or full fine-tuning)."""
+    return next((dirs[sub] for sub in ("merged", "model") if sub in dirs), None)
 
-    found = next((dirs[sub] for sub in ("merged", "model") if sub in dirs), None)
-    return None if found is None or is_mean_pooled(Path(found)) else found
+
+def load_exported(model_dir: str):
+    """An exported directory as a Hugging Face user loads it: a mean-pooled classifier through its
+    auto_map (the class file beside the weights, which the flavor then saves with them)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.models import is_mean_pooled, load_saved
+
+    if is_mean_pooled(Path(model_dir)):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True,
+                                                                  dtype=torch.float32)
+    return load_saved(Path(model_dir))
 
 
 def save_flavor(model_dir: str, example: str, out: Path) -> None:
@@ -47,9 +59,9 @@ def save_flavor(model_dir: str, example: str, out: Path) -> None:
     from mlflow.models import infer_signature
     from transformers import AutoTokenizer
 
-    from tasks.models import is_classifier, load_saved
+    from tasks.models import is_classifier
 
-    model = load_saved(Path(model_dir))
+    model = load_exported(model_dir)
     if is_classifier(model):
         task, signature = "text-classification", infer_signature(example, {"label": "label", "score": 1.0})
     else:
@@ -84,8 +96,8 @@ def apply_log_model(client, call: dict, ids: dict) -> str:
 def apply_register(client, call: dict, ids: dict) -> str:
     """One registry version per fine-tuned result (by fingerprint): its full weights logged once in
     MLflow's transformers flavor (a LoggedModel of the step's run), a PEFT adapter as files under
-    `finetuned/adapter`, and the alias moves to it. A result the flavor cannot rebuild (prefix tuning,
-    a mean-pooled head) is its files under `finetuned/`."""
+    `finetuned/adapter`, and the alias moves to it. A result the flavor cannot rebuild (prefix tuning)
+    is its files under `finetuned/`."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 

@@ -105,3 +105,42 @@ def test_a_prefix_tuned_result_is_registered_as_its_adapter_files(tmp_path, monk
     client = tracking._client(store)
     assert client.get_model_version_by_alias("lmforge-p", "candidate").source.endswith(f"{child}/artifacts/finetuned")
     assert [a.path for a in client.list_artifacts(child, "finetuned/adapter")] == ["finetuned/adapter/adapter_config.json"]
+
+
+def test_a_mean_pooled_classifier_is_an_mlflow_model_with_its_class(tmp_path, monkeypatch):
+    """The exported class file travels in the transformers flavor: pyfunc and the transformers loader
+    rebuild the mean-pooled head and give lmforge's own prediction."""
+    import torch
+    from mlflow.pyfunc import load_model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from transformers import AutoTokenizer
+
+    from tasks.models import load_saved, mark_if_pooled
+    from tasks.pooled_classifier import MeanPooledLlamaForSequenceClassification
+
+    plain = save_tiny_model(tmp_path / "plain", labels=["no", "yes"])
+    merged = tmp_path / "merged"
+    torch.manual_seed(1)
+    MeanPooledLlamaForSequenceClassification.from_pretrained(plain).save_pretrained(merged)
+    AutoTokenizer.from_pretrained(plain).save_pretrained(merged)
+    mark_if_pooled(merged)
+    prompt = "question 3 answer 21"
+    tokenizer, ours = AutoTokenizer.from_pretrained(merged), load_saved(merged).eval()
+    with torch.no_grad():
+        probs = ours(**tokenizer(prompt, return_tensors="pt")).logits.softmax(-1)[0]
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker(store, "exp", tmp_path)
+    tracker.start("tiny", {}, {})
+    child = tracker.start_step("finetune", "fp7", "run", "no earlier run", {})
+    assert tracker.register_model("lmforge-m", "candidate", child, {"merged": merged},
+                                  {"lmforge.fingerprint": "fp7"}, prompt) == "1"
+    with _use_tracking_uri(store):
+        predicted = load_model("models:/lmforge-m@candidate").predict([prompt])
+        import mlflow.transformers
+
+        pipeline = mlflow.transformers.load_model("models:/lmforge-m@candidate")
+    assert type(pipeline.model).__name__ == "MeanPooledLlamaForSequenceClassification"
+    assert list(predicted["label"]) == [["no", "yes"][int(probs.argmax())]]
+    assert abs(predicted["score"][0] - probs.max().item()) < 1e-5
+
