@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.prefix_cache import accept_prefix_cache
+
 OBJECTIVE_FILE = "objective.json"
 """In a finetune step's output: {"objective", "labels", "pad_token_id", "pooling"}; how load_tuned rebuilds the model."""
 
@@ -111,22 +113,6 @@ def load_base_model(model_dir: Path, labels: list[str] | None = None, pad_token_
     else:
         model = model_class.from_pretrained(str(model_dir), dtype=torch.float32, **changes)
     return retie(model) if labels is None else accept_prefix_cache(model)
-
-
-def accept_prefix_cache(model):
-    """PEFT's prefix tuning for sequence classification hands its trained KV cache over only where
-    the model's forward names a `past_key_values` argument, which transformers 5 calls `cache`: the
-    instance gets a forward with that name (the same call otherwise)."""
-    inner = model.forward
-
-    def forward(input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            kwargs["cache"] = past_key_values
-        return inner(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                     **kwargs)
-
-    model.forward = forward
-    return model
 
 
 def load_saved(model_dir: Path):

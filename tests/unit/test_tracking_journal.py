@@ -90,21 +90,61 @@ def test_every_call_is_journaled_and_replayed_once_even_when_interrupted(tmp_pat
     assert list(predicted["label"]) in (["no"], ["yes"]) and 0 < predicted["score"][0] <= 1
 
 
-def test_a_prefix_tuned_result_is_registered_as_its_adapter_files(tmp_path, monkeypatch):
-    """No full weights to put in MLflow's transformers flavor: the version is the adapter's files."""
+@pytest.mark.parametrize("objective", ["classifier", "lm"])
+def test_a_prefix_tuned_result_is_a_pyfunc_model_that_predicts_as_lmforge_does(tmp_path, monkeypatch, objective):
+    """No merged weights for MLflow's transformers flavor: the version is a pyfunc model from code that
+    carries the pretrained model and the adapter, and predicts what lmforge's loader predicts."""
+    import json
+
+    import torch
+    from mlflow.pyfunc import load_model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from conf.schema import FinetuneConfig
+    from tasks import finetune
+    from tasks.models import load_base_model, load_tuned
+
+    labels = ["no", "yes"]
+    base_dir = save_tiny_model(tmp_path / "pretrain" / "model")
+    out = tmp_path / "finetune"
+    (out / "adapter").mkdir(parents=True)
+    meta = {"objective": objective, "labels": labels, "pad_token_id": 0, "pooling": "last"}
+    (out / "objective.json").write_text(json.dumps(meta))
+    torch.manual_seed(2)
+    base = load_base_model(base_dir, labels if objective == "classifier" else None, 0)
+    tuned = get_peft_model(base, finetune.prefix_config(FinetuneConfig(method="prefix"), objective))
+    for param in tuned.parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.5)  # a prefix (and head) that changes the answer
+    tuned.save_pretrained(str(out / "adapter"))
+    prompt = "question 3 answer 21"
+    ids = torch.tensor([AutoTokenizer.from_pretrained(base_dir).encode(prompt, add_special_tokens=False)])
+    ours = load_tuned(out, base_dir).eval()
     monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = tracking.Tracker(store, "exp", tmp_path)
     tracker.start("tiny", {}, {})
     child = tracker.start_step("finetune", "fp9", "run", "no earlier run", {})
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
-    assert tracker.register_model("lmforge-p", "candidate", child, {"adapter": adapter},
-                                  {"lmforge.fingerprint": "fp9"}, "x") == "1"
+    assert tracker.register_model("lmforge-p", "candidate", child, {"adapter": out / "adapter"},
+                                  {"lmforge.fingerprint": "fp9"}, prompt) == "1"
     client = tracking._client(store)
-    assert client.get_model_version_by_alias("lmforge-p", "candidate").source.endswith(f"{child}/artifacts/finetuned")
-    assert [a.path for a in client.list_artifacts(child, "finetuned/adapter")] == ["finetuned/adapter/adapter_config.json"]
+    assert client.get_model_version_by_alias("lmforge-p", "candidate").source.startswith("models:/m-")
+    assert "finetuned/adapter" in [a.path for a in client.list_artifacts(child, "finetuned")]
+    with _use_tracking_uri(store):
+        served = load_model("models:/lmforge-p@candidate")
+    with torch.no_grad():
+        if objective == "classifier":
+            probs = ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.softmax(-1)[0]
+            predicted = served.predict([prompt])
+            assert list(predicted["label"]) == [labels[int(probs.argmax())]]
+            assert abs(predicted["score"][0] - probs.max().item()) < 1e-5
+        else:
+            greedy = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                   do_sample=False, pad_token_id=0)
+            expected = AutoTokenizer.from_pretrained(base_dir).decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+            assert served.predict([prompt], params={"max_new_tokens": 4}) == [expected]
 
 
 def test_a_mean_pooled_classifier_is_an_mlflow_model_with_its_class(tmp_path, monkeypatch):
