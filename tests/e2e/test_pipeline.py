@@ -53,6 +53,24 @@ def first_run(root, store_uri):
     return pipeline(root, f"paths.store={store_uri}")
 
 
+@pytest.fixture(scope="module")
+def lora_rank_run(first_run, root):
+    """The first run's config with another LoRA rank, in the same root."""
+    return pipeline(root, "finetune.lora.r=4")
+
+
+def published(root, step) -> set[str]:
+    """Fingerprints of the step's results under root (directories with a manifest)."""
+    return {d.name for d in (root / step).iterdir() if artifacts.read_manifest(d)}
+
+
+def failed_step_runs(root, experiment_id, step) -> dict:
+    """The step's MLflow runs that ended FAILED, by run id."""
+    runs = mlflow_client(root).search_runs(
+        [experiment_id], filter_string=f"tags.lmforge.step = '{step}' and attributes.status = 'FAILED'")
+    return {run.info.run_id: run for run in runs}
+
+
 def test_first_run_writes_every_step_and_reports(first_run, root):
     proc, summary = first_run
     assert statuses(summary) == {name: "ran" for name in STEPS}
@@ -125,8 +143,8 @@ def test_another_root_takes_every_step_from_the_store(first_run, root, store_uri
         assert not artifacts.damage(elsewhere / step["name"] / step["fingerprint"], here)
 
 
-def test_changed_lora_rank_reruns_only_finetune_and_evaluate(first_run, root):
-    proc, summary = pipeline(root, "finetune.lora.r=4")
+def test_changed_lora_rank_reruns_only_finetune_and_evaluate(lora_rank_run):
+    proc, summary = lora_rank_run
     assert [n for n, s in statuses(summary).items() if s == "ran"] == ["finetune", "evaluate"]
     assert "config changed (finetune.lora.r: 16 -> 4)" in proc.stdout
 
@@ -143,25 +161,38 @@ def test_prefix_tuning_under_zero3_on_two_workers(first_run, root):
     assert PeftConfig.from_pretrained(adapter).peft_type.value == "PREFIX_TUNING"
 
 
-def test_dry_run_prints_the_plan_only(first_run, root):
+def test_dry_run_prints_the_plan_only(lora_rank_run, root):
     proc, summary = pipeline(root, "finetune.lora.r=2", "dry_run=true")
     assert summary is None
-    # explained against the closest earlier run: one of the LoRA runs, not the prefix one
-    assert re.search(r"finetune\s+run\s+\w+\s+config changed \(finetune.lora.r: (16|4) -> 2\)", proc.stdout)
+    # explained against the closest earlier run: ranks 16 and 4 are one change away, the newer one is taken
+    assert re.search(r"finetune\s+run\s+\w+\s+config changed \(finetune.lora.r: 4 -> 2\)", proc.stdout)
     assert re.search(r"pretrain\s+cached", proc.stdout)
 
 
-def test_missing_corpus_fails_before_any_work(root, tmp_path):
+def test_missing_corpus_fails_before_any_work(tmp_path):
     proc, _ = pipeline(tmp_path, "data=files", f"data.paths=[{tmp_path}/none/*.txt]", expect=2)
     assert proc.stderr.strip().splitlines()[-1] == f"error: data.paths[0]: no file matches '{tmp_path}/none/*.txt'"
     assert not (tmp_path / "ingest").exists()
 
 
-def test_failed_step_leaves_no_result_and_the_next_launch_runs_it_again(first_run, root):
-    proc, _ = pipeline(root, "tokenizer.val_fraction=0.0001", expect=2)
-    assert "error: tokenizer.seq_len: the val split has fewer than" in proc.stderr
-    results = [d for d in (root / "tokenize").iterdir() if artifacts.read_manifest(d)]
-    assert len(results) == 1  # only the first run's; nothing staged is left behind
-    assert not [d for d in (root / "tokenize").iterdir() if d.name.startswith(".staging")]
-    again, _ = pipeline(root, "tokenizer.val_fraction=0.0001", "dry_run=true")
-    assert re.search(r"ingest\s+cached", again.stdout) and re.search(r"tokenize\s+run\s+\w+\s+config changed", again.stdout)
+def test_failed_step_leaves_no_result_and_is_retried_by_the_next_launch(first_run, root):
+    """Nothing of a failed step is published or kept as an unfinished attempt, so launching the same
+    config again runs the step again: two attempts, each a FAILED MLflow run of the same fingerprint."""
+    experiment_id = mlflow_client(root).get_run(first_run[1]["run_id"]).info.experiment_id
+    results, failed_before = published(root, "tokenize"), failed_step_runs(root, experiment_id, "tokenize")
+    for _ in range(2):
+        proc, _ = pipeline(root, "tokenizer.val_fraction=0.0001", expect=2)
+        assert "error: tokenizer.seq_len: the val split has fewer than" in proc.stderr
+        assert re.search(r"ingest: cached \(", proc.stdout)
+        # run again, not cached, and not resumed as "an earlier attempt did not finish"
+        assert "tokenize: running, config changed (val_fraction: 0.2 -> 0.0001)" in proc.stdout
+        assert published(root, "tokenize") == results
+        assert not [d for d in (root / "tokenize").iterdir() if d.name.startswith(".staging")]
+    attempts = [run for run_id, run in failed_step_runs(root, experiment_id, "tokenize").items()
+                if run_id not in failed_before]
+    assert len(attempts) == 2
+    assert len({run.data.tags["mlflow.parentRunId"] for run in attempts}) == 2  # one per launch
+    fingerprints = {run.data.tags["lmforge.fingerprint"] for run in attempts}
+    assert len(fingerprints) == 1 and not fingerprints & results
+    assert all(run.data.tags["lmforge.error"].startswith("tokenizer.seq_len: the val split has fewer than")
+               for run in attempts)
