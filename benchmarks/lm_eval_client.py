@@ -39,10 +39,12 @@ def finished_run(root: Path | None) -> dict[str, Path]:
                                "ray.num_cpus=2", "finetune.objective=lm"], cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
-    summaries = sorted((root / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    from pipelines.status import load_summaries
+
+    summaries = load_summaries(root)
     if not summaries:
         sys.exit(f"--root {root}: no finished run (runs/*.json)")
-    steps = {s["name"]: Path(s["out_dir"]) for s in json.loads(summaries[-1].read_text())["steps"]}
+    steps = {s["name"]: Path(s["out_dir"]) for s in max(summaries.values(), key=lambda s: s["written_at"])["steps"]}
     if "finetune" not in steps or not (steps["finetune"] / "adapter").is_dir():
         sys.exit(f"--root {root}: the latest run has no LoRA fine-tuning (finetune/<fp>/adapter)")
     if json.loads((steps["finetune"] / "objective.json").read_text()).get("objective") != "lm":
@@ -64,9 +66,9 @@ def write_task(steps: dict[str, Path], task_dir: Path) -> list[dict]:
     labels = json.loads((steps["evaluate"] / "label_scores.json").read_text())["labels"]
     task = TaskConfig(**{k: v for k, v in config["task"].items() if k in TaskConfig.__dataclass_fields__})
     max_length = config["max_length"]
+    target_length = max(len(taskdata.encode_target(tokenizer, " " + label)) for label in labels)
     documents = []
     for record in taskdata.load_split(steps["taskdata"], "test"):
-        target_length = max(len(taskdata.encode_target(tokenizer, " " + label)) for label in labels)
         head, body, tail, _ = taskdata.render(record, task)
         prompt_ids = taskdata.encode_prompt(tokenizer, (head, body, tail), task.kind, max_length, target_length)
         documents.append({"context": tokenizer.decode(prompt_ids), "gold": labels.index(record["label"]),

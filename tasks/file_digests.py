@@ -53,6 +53,8 @@ def open_cache() -> sqlite3.Connection | None:
 def local_digests(paths: list[str]) -> dict[str, str]:
     """SHA-256 (16 hex digits) of each local file's bytes; only files whose (path, size, mtime,
     inode) the cache has not seen are read."""
+    if not paths:
+        return {}
     stats = {path: os.stat(path) for path in paths}
     keys = {path: (path, st.st_size, st.st_mtime_ns, st.st_ino) for path, st in stats.items()}
     db = open_cache()

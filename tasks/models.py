@@ -67,8 +67,7 @@ def untie_saved_head(model_dir: Path) -> None:
     trains what pretraining trained."""
     from safetensors.torch import load_file, save_file
 
-    config_path = model_dir / "config.json"
-    config = json.loads(config_path.read_text())
+    config = saved_config(model_dir)
     if not config.get("tie_word_embeddings"):
         return
     index_path = model_dir / "model.safetensors.index.json"
@@ -80,8 +79,8 @@ def untie_saved_head(model_dir: Path) -> None:
     if index:
         index["weight_map"]["lm_head.weight"] = shard
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    config_path.write_text(json.dumps({**config, "tie_word_embeddings": False, TIED_IN_TRAINING: True},
-                                      indent=2, sort_keys=True) + "\n")
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False,
+                                                       TIED_IN_TRAINING: True}, indent=2, sort_keys=True) + "\n")
 
 
 def retie(model):

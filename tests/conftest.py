@@ -28,16 +28,10 @@ def compose_config(overrides: list[str] = (), config_dir: Path = CONF_DIR) -> Co
 def digest_cache(tmp_path_factory):
     """Corpus digests (tasks/file_digests.py) are remembered in the session's temporary directory,
     not the user's ~/.cache; subprocesses inherit it."""
-    import os
-
     path = tmp_path_factory.mktemp("digests") / "file-digests.sqlite"
-    saved = os.environ.get("LMFORGE_DIGEST_CACHE")
-    os.environ["LMFORGE_DIGEST_CACHE"] = str(path)
-    yield path
-    if saved is None:
-        os.environ.pop("LMFORGE_DIGEST_CACHE", None)
-    else:
-        os.environ["LMFORGE_DIGEST_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFORGE_DIGEST_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture
