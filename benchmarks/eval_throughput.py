@@ -23,22 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from conf.schema import Config, register_configs  # noqa: E402
+from conf.compose import compose_config  # noqa: E402
+from conf.schema import Config  # noqa: E402
 from tasks import ingest, labelscore, pretrain, taskdata, tokenize  # noqa: E402
 from tasks.common import TaskContext  # noqa: E402
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
 def quickstart(root: Path) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=["+experiment=quickstart",
-                                                                              f"paths.root={root}"]))
+    return compose_config(["+experiment=quickstart", f"paths.root={root}"])
 
 
 def prepare(cfg: Config, root: Path) -> tuple[Path, Path]:
@@ -61,7 +54,7 @@ def timed(score) -> tuple[list[list[float]], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=4, help="examples per packed forward pass")
+    parser.add_argument("--batch", type=int, default=16, help="examples per packed forward pass")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from conf.schema import Config, register_configs  # noqa: E402
-from pipelines import dag, executor  # noqa: E402
+from pipelines import artifacts, dag, executor, storage  # noqa: E402
 from tasks import ingest, pretrain, tokenize, training  # noqa: E402
 from tasks.common import TaskContext  # noqa: E402
 
@@ -78,13 +78,15 @@ def bare_loop(cfg: Config, tokenize_dir: Path, log_every: int) -> float:
 def pipeline_stage(cfg: Config, root: Path, tokenize_dir: Path) -> float:
     """The pretrain step exactly as the executor runs it (Ray Train + DeepSpeed)."""
     item = next(p for p in dag.plan(cfg, root) if p.step.name == "pretrain")
-    out_dir = root / "stage-out"
-    out_dir.mkdir()
+    item.upstream = {"tokenize": ""}  # the step reads <prepared>/tokenize
+    base = {"step": item.step.base, "fingerprint": item.fingerprint, "started_at": time.time()}
+    attempt = storage.SharedRoot(tokenize_dir.parent, None).attempt(item, base, "benchmark")
     executor.start_ray(cfg)
     try:
-        metrics, _ = executor.run_training_step(item, {"tokenize": tokenize_dir}, out_dir, lambda *a, **k: None, root)
+        metrics = executor.run_training_step(item, attempt, lambda *a, **k: None, root)["metrics"]
     finally:
         executor.stop_ray()
+    out_dir = artifacts.step_dir(tokenize_dir.parent, item.step.base, item.fingerprint)
     history = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
     return statistics.mean(r["tokens_per_s"] for r in history[1:]) if len(history) > 1 else metrics["tokens_per_s"]
 

@@ -128,6 +128,12 @@ def print_task(task: str, steps: dict) -> None:
         print(f"| {title} | {with_interval(scores, 'finetuned_accuracy')} | {with_interval(scores, 'finetuned_macro_f1')} | "
               f"{tuned.get('train_seconds', float('nan')):.0f} | {scores['finetuned_vs_tfidf_logreg_delta']:+.3f} "
               f"[{low:+.3f}, {high:+.3f}] {verdict} |")
+    if "ensemble_vs_tfidf_logreg_low" in steps.get("ensemble", {}):  # eval.ensemble=[full,lora]
+        scores = steps["ensemble"]
+        low, high = scores["ensemble_vs_tfidf_logreg_low"], scores["ensemble_vs_tfidf_logreg_high"]
+        print(f"| ensemble of {' + '.join(BRANCHES)} | {with_interval(scores, 'ensemble_accuracy')} | "
+              f"{with_interval(scores, 'ensemble_macro_f1')} | | {scores['ensemble_vs_tfidf_logreg_delta']:+.3f} "
+              f"[{low:+.3f}, {high:+.3f}] {baselines.verdict(low, high)} |")
     ppl = {k[4:]: v for k, v in first.items() if k.startswith("ppl_") and k != "ppl_finetuned"}
     print("\nheld-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items())
           + "; after fine-tuning: " + ", ".join(f"{b} {steps[f'evaluate.{b}']['ppl_finetuned']:.1f}" for b in BRANCHES))

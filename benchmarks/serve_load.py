@@ -118,7 +118,8 @@ def main() -> None:
     parse.add_argument("--num-cpus", type=int, default=2)
     parse.add_argument("--max-batch-size", type=int, default=8)
     args = parse.parse_args()
-    _, specs, _ = serving_models.selected_models(args)
+    _, specs, _, source = serving_models.selected_models(args)
+    specs = serving_models.fetched(specs, source)
     spec = next((s for s in specs if s.id == args.model), specs[0]) if args.model else specs[0]
     selection = ["--model-dir", str(args.model_dir)] if args.model_dir else \
         ["--root", args.root, *(["--run-id", args.run_id] if args.run_id else []),

@@ -60,16 +60,12 @@ def manifest(directory: Path | None) -> dict:
 def int8_evaluation(root: Path, base_eval: dict, overrides: list[str], sparsity: float) -> dict:
     """The evaluate step again on evaluate.base's inputs, with int8 after magnitude pruning at `sparsity`
     (no robustness): float and int8 tokens/s measured in one process, taking turns."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from conf.schema import EvaluateStepConfig, QuantizeConfig, RobustnessConfig, register_configs
+    from conf.compose import compose_config
+    from conf.schema import EvaluateStepConfig, QuantizeConfig, RobustnessConfig
     from tasks import evaluate
     from tasks.common import TaskContext
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=["+experiment=techniques", *overrides]))
+    cfg = compose_config(["+experiment=techniques", *overrides])
     eval_cfg = dataclasses.replace(cfg.eval, robustness=RobustnessConfig(), ensemble=[],
                                    quantize=QuantizeConfig(enabled=True, sparsity=sparsity))
     out_dir = root / "benchmarks" / f"int8_sparsity{sparsity:g}"

@@ -3,7 +3,8 @@
 `conf/config.yaml` composes on top of `base_config`, so a YAML key that is not
 declared here, or a value of the wrong type, fails at start-up with the key's
 name. Fields marked `placement(...)` say *where* or *how widely* a step runs,
-not *what* it computes; they are left out of step fingerprints.
+not *what* it computes; they are left out of step fingerprints. Numeric fields declare
+their bounds with `bounded(...)` (placement ones with `low=`), which pipelines/validate.py checks.
 """
 from __future__ import annotations
 
@@ -16,9 +17,33 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 
-def placement(default, doc: str = ""):
-    """A field that does not change a step's result (kept out of its fingerprint)."""
-    return field(default=default, metadata={"placement": True, "doc": doc})
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take, checked at start (pipelines/validate.py: check_bounds)
+    before any other check, so those never divide by zero."""
+
+    low: float
+    """The smallest allowed value."""
+    below: Optional[float] = None
+    """Values must stay under this (a dropout or sparsity of 1 leaves nothing)."""
+    at_most: Optional[float] = None
+    """The largest allowed value (probabilities and shares: 1)."""
+    why: str = ""
+    """Why `at_most`, where it is a sanity limit: beyond it a value is a typo or a unit mistake, not a plan."""
+
+
+def bounded(default, low: float, below: float | None = None, at_most: float | None = None, why: str = ""):
+    """A numeric setting with its bounds, declared on the field itself (not by its name, which other
+    sections may use for something else)."""
+    return field(default=default, metadata={"bounds": Bounds(low, below, at_most, why)})
+
+
+def placement(default, doc: str = "", low: float | None = None):
+    """A field that does not change a step's result (kept out of its fingerprint); `low`: its smallest value."""
+    metadata = {"placement": True, "doc": doc}
+    if low is not None:
+        metadata["bounds"] = Bounds(low)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -42,7 +67,7 @@ class PathsConfig:
 class RayConfig:
     address: Optional[str] = None
     """Ray cluster to join ("auto", "ray://host:10001", ...). None: $RAY_ADDRESS, else an embedded local Ray."""
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = bounded(None, 1)
     """CPUs of the embedded local Ray (None: all cores). Ignored when joining a cluster."""
 
 
@@ -71,28 +96,28 @@ class QualityFilterConfig:
     """Heuristic quality filters (tasks/quality.py), applied in this order after normalisation; a
     document is counted under the first one it fails. A ratio limit of 1 never drops anything."""
 
-    max_doc_chars: int = 1_000_000
+    max_doc_chars: int = bounded(1_000_000, 1)
     """Longer documents are dropped ('too_long')."""
-    min_mean_word_length: float = 2.0
+    min_mean_word_length: float = bounded(2.0, 0)
     """Mean length of whitespace-separated words below this drops a document ('mean_word_length')."""
-    max_mean_word_length: float = 20.0
+    max_mean_word_length: float = bounded(20.0, 0)
     """Mean word length above this (base64 blobs, minified data) drops a document ('mean_word_length')."""
-    max_symbol_ratio: float = 0.5
+    max_symbol_ratio: float = bounded(0.5, 0, at_most=1)
     """Share of characters that are neither letters, digits nor whitespace ('symbol_ratio')."""
-    max_digit_ratio: float = 0.3
+    max_digit_ratio: float = bounded(0.3, 0, at_most=1)
     """Share of characters that are digits ('digit_ratio')."""
-    max_repeated_line_fraction: float = 0.6
+    max_repeated_line_fraction: float = bounded(0.6, 0, at_most=1)
     """Share of non-blank lines that repeat an earlier line of the document ('repeated_lines')."""
-    max_repeated_ngram_fraction: float = 0.5
+    max_repeated_ngram_fraction: float = bounded(0.5, 0, at_most=1)
     """Share of word n-grams (repeated_ngram_size words) that repeat an earlier one ('repeated_ngrams')."""
-    repeated_ngram_size: int = 5
+    repeated_ngram_size: int = bounded(5, 1)
     """Words per n-gram of the repeated n-gram filter."""
     languages: list[str] = field(default_factory=list)
     """Language filter ('language', applied last): keep only documents whose language, as fastText's
     language identifier sees it, is one of these codes (ISO 639, e.g. [en, de]); empty: off."""
-    min_language_score: float = 0.65
+    min_language_score: float = bounded(0.65, 0, at_most=1)
     """With `languages`: the identifier's probability for a kept language must reach this."""
-    language_chars: int = 2000
+    language_chars: int = bounded(2000, 1)
     """Characters from the start of a document that the language identifier reads."""
     language_model: str = ""
     """A fastText language-identification model file (lid.176.bin, GlotLID); empty: the compressed
@@ -106,17 +131,17 @@ class NearDedupConfig:
 
     enabled: bool = False
     """Run near-duplicate removal (after exact dedup)."""
-    shingle_size: int = 5
+    shingle_size: int = bounded(5, 1)
     """Words per shingle (the sets whose Jaccard similarity is estimated)."""
-    num_perm: int = 128
+    num_perm: int = bounded(128, 1)
     """MinHash permutations per document; must equal bands x band_rows."""
-    bands: int = 16
+    bands: int = bounded(16, 1)
     """LSH bands: two documents become candidates when all rows of one band agree."""
-    band_rows: int = 8
+    band_rows: int = bounded(8, 1)
     """Signature rows per band (more rows: fewer, more similar candidates)."""
-    jaccard_threshold: float = 0.8
+    jaccard_threshold: float = bounded(0.8, 0, at_most=1)
     """Candidates whose estimated Jaccard similarity reaches this are near-duplicates."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of the hash functions."""
 
 
@@ -138,28 +163,28 @@ class DataConfig:
     """Standard-library packages left out of 'python_stdlib' (e.g. those a fine-tuning task is built from)."""
     text_field: str = "text"
     """Field (JSONL) or column (CSV/TSV, Parquet, Arrow) holding the document text."""
-    max_bytes: int = 0
+    max_bytes: int = bounded(0, 0)
     """Deterministic sample of whole source files up to about this many bytes; 0 keeps everything."""
-    text_chunk_chars: int = 0
+    text_chunk_chars: int = bounded(0, 0)
     """Cut each text file (.txt/.md/.py/.rst) into documents of whole paragraphs (blank-line separated) of
     up to about this many characters, so that one big file (a book, a dump) is many documents: the
     filters, dedup and the validation split then work per chunk. 0: one document per file."""
-    min_chars: int = 16
+    min_chars: int = bounded(16, 0)
     """Documents shorter than this after normalisation are dropped (counted as 'too_short')."""
     on_error: str = "raise"
     """'raise' stops at an unreadable file or a bad record (JSONL line, CSV row), naming it; 'skip'
     quarantines unreadable files and leaves out bad records, counting and listing both (quarantine.json)."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of the sample."""
-    docs_per_shard: int = 2000
+    docs_per_shard: int = bounded(2000, 1)
     """Documents per output Parquet shard."""
     shard_bytes: int = placement(
         0, "Input bytes per work unit of the ingest step (one parallel task, resumed as a whole after a crash): "
            "small files are grouped, larger uncompressed JSONL files split by lines and Parquet files by row "
-           "groups. 0: a 64th of the corpus, within 256 KiB..64 MiB. The output does not depend on it.")
+           "groups. 0: a 64th of the corpus, within 256 KiB..64 MiB. The output does not depend on it.", low=0)
     filters: QualityFilterConfig = field(default_factory=QualityFilterConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
-    examples_per_reason: int = 3
+    examples_per_reason: int = bounded(3, 0)
     """Dropped documents kept per drop reason in dropped_examples.jsonl (for inspection)."""
 
 
@@ -169,11 +194,11 @@ class TokenizerConfig:
     Special tokens are never split or merged; a trained tokenizer has them at ids 0.. in the order
     pad, bos, eos, then `additional_special_tokens`."""
 
-    vocab_size: int = 4096
+    vocab_size: int = bounded(4096, 1)
     """Byte-level BPE vocabulary size, special tokens included (not used with `path`)."""
-    min_frequency: int = 2
+    min_frequency: int = bounded(2, 1)
     """A merge must occur at least this often in the training sample."""
-    train_sample_bytes: int = 20_000_000
+    train_sample_bytes: int = bounded(20_000_000, 1)
     """Bytes of training-split text the tokenizer is trained on."""
     pad_token: str = "<|pad|>"
     """Padding token. With `path`, the tokenizer's own comes first; this name is used when it has none."""
@@ -194,30 +219,30 @@ class TokenizerConfig:
     path: Optional[str] = placement(
         None, "Reuse this tokenizer instead of training one: a directory saved by `save_pretrained` (with "
               "tokenizer.json) or a tokenizer.json file. Its files' bytes, not the path, enter the fingerprint.")
-    seq_len: int = 256
+    seq_len: int = bounded(256, 2)
     """Length of the packed training sequences."""
-    val_fraction: float = 0.05
+    val_fraction: float = bounded(0.05, 0)
     """Share of documents (by hash of doc id) held out for validation."""
-    docs_per_task: int = placement(2000, "Documents encoded per parallel task.")
+    docs_per_task: int = placement(2000, "Documents encoded per parallel task.", low=1)
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"
     """Label of this size, shown in summaries."""
-    hidden_size: int = 64
+    hidden_size: int = bounded(64, 1)
     """Width of the residual stream."""
-    intermediate_size: int = 176
+    intermediate_size: int = bounded(176, 1)
     """Width of the MLP."""
-    num_layers: int = 2
+    num_layers: int = bounded(2, 1)
     """Decoder layers."""
-    num_heads: int = 4
+    num_heads: int = bounded(4, 1)
     """Attention heads."""
-    num_kv_heads: int = 4
+    num_kv_heads: int = bounded(4, 1)
     """Key/value heads (grouped-query attention when below num_heads)."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = bounded(256, 2)
     """Longest sequence the model accepts."""
-    rope_theta: float = 10000.0
+    rope_theta: float = bounded(10000.0, 1)
     """RoPE base."""
     tie_embeddings: bool = True
     """Share input embedding and output projection."""
@@ -227,47 +252,53 @@ class ModelConfig:
 class TrainConfig:
     """What pretraining and fine-tuning share."""
 
-    zero_stage: int = 2
+    zero_stage: int = bounded(2, 0)
     """DeepSpeed ZeRO stage, 0-3."""
-    precision: str = "bf16"
-    """'bf16' (autocast on CPU, native on GPU; fp32 where unsupported) or 'fp32'."""
-    micro_batch_size: int = 8
+    precision: str = "auto"
+    """'auto' (bf16 where this machine runs it faster than fp32, measured once per machine:
+    tasks/precision.py), 'bf16' (autocast on CPU, native on GPU; fp32 where unsupported) or 'fp32'."""
+    micro_batch_size: int = bounded(8, 1, at_most=1024, why="sequences per worker per forward pass; typical values "
+                                    "1..64, more through global_batch_size's gradient accumulation")
     """Sequences per worker per forward pass (at most 1024); with the model's weights and optimizer state
     they must fit a worker's memory, estimated at start (pipelines/memory.py)."""
-    global_batch_size: int = 16
+    global_batch_size: int = bounded(16, 1, at_most=65536,
+                                     why="sequences per optimizer step; large language models use ~1e3")
     """Sequences per optimizer step over all workers; gradient accumulation fills the gap."""
-    max_steps: int = 100
+    max_steps: int = bounded(100, 1, at_most=10**7, why="10M optimizer steps is months of training; large language "
+                                                        "models are pretrained in ~1e6")
     """Optimizer steps."""
-    lr: float = 1e-3
+    lr: float = bounded(1e-3, 1e-12, at_most=1.0, why="a learning rate above 1 diverges; typical values 1e-4..1e-2")
     """Peak learning rate (at most 1)."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = bounded(0.1, 0)
     """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 10
+    warmup_steps: int = bounded(10, 0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.1
+    weight_decay: float = bounded(0.1, 0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, 0)
     """Gradient norm clipping; 0 disables."""
-    eval_every: int = 50
+    eval_every: int = bounded(50, 1)
     """Validation every N steps (and at the end)."""
-    eval_batches: int = 8
+    eval_batches: int = bounded(8, 1)
     """Validation micro-batches per worker."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of initialisation and data order."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: 'stop' (clear error, nothing non-finite is checkpointed) or 'skip'
     (that step's update is dropped and counted in skipped_steps)."""
-    max_skipped_steps: int = 10
+    max_skipped_steps: int = bounded(10, 1)
     """With on_nonfinite=skip: stop after this many skipped steps in a row."""
-    log_every: int = placement(10, "Progress line and metric logging every N steps.")
+    log_every: int = placement(10, "Progress line and metric logging every N steps.", low=1)
     checkpoint_every: int = placement(
         0, "Resumable checkpoint every N steps (a multiple of log_every; 0: none). A rerun after a crash "
-           "continues from the newest one, with the same losses as an uninterrupted run.")
+           "continues from the newest one, with the same losses as an uninterrupted run.", low=0)
     max_failures: int = placement(
-        0, "Ray Train restarts a failed worker group this many times; it continues from the last checkpoint.")
-    keep_checkpoints: int = placement(2, "Newest checkpoints kept while training; all are removed once the step finishes.")
-    num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.")
+        0, "Ray Train restarts a failed worker group this many times; it continues from the last checkpoint.",
+        low=0)
+    keep_checkpoints: int = placement(
+        2, "Newest checkpoints kept while training; all are removed once the step finishes.", low=1)
+    num_workers: int = placement(1, "Ray Train workers (data-parallel ranks).", low=1)
+    cpus_per_worker: int = placement(2, "CPUs (and torch threads) per worker.", low=1)
     use_gpu: bool = placement(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
     activation_checkpointing: bool = placement(
         False, "Recompute activations in the backward pass: less memory, more compute, the same losses.")
@@ -275,7 +306,7 @@ class TrainConfig:
         False, "Keep optimizer state and step in CPU memory (DeepSpeed ZeRO offload; stages 1-3).")
     compile: bool = placement(False, "torch.compile the model (inductor) before training.")
     peak_tflops: float = placement(
-        0.0, "Peak matrix-multiply TFLOP/s of one worker for model FLOP utilisation; 0: measured at start.")
+        0.0, "Peak matrix-multiply TFLOP/s of one worker for model FLOP utilisation; 0: measured at start.", low=0)
 
 
 @dataclass
@@ -285,11 +316,11 @@ class PretrainConfig(TrainConfig):
 
 @dataclass
 class LoraConfig:
-    r: int = 8
+    r: int = bounded(8, 1)
     """LoRA rank."""
-    alpha: int = 16
+    alpha: int = bounded(16, 1)
     """LoRA scaling numerator."""
-    dropout: float = 0.05
+    dropout: float = bounded(0.05, 0, below=1)
     """Dropout on the LoRA path."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Linear layers that get adapters."""
@@ -300,7 +331,7 @@ class LoraConfig:
 
 @dataclass
 class PrefixConfig:
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: int = bounded(16, 1)
     """Trained key/value prefix length per layer."""
     prefix_projection: bool = False
     """Reparameterise the prefix through an MLP."""
@@ -308,32 +339,32 @@ class PrefixConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: int = 0
+    patience: int = bounded(0, 0)
     """Stop after this many validations in a row without improvement, and export the best weights
     (those of the best validation); 0: off (the last weights are exported)."""
     metric: str = "auto"
     """What is watched: 'val_loss' (lower is better), for classification 'val_accuracy' (on the
     validation batches, higher is better), or 'auto': val_accuracy for classification, else val_loss."""
-    min_delta: float = 0.0
+    min_delta: float = bounded(0.0, 0)
     """An improvement must beat the best value by more than this."""
 
 
 @dataclass
 class AugmentConfig:
-    copies: int = 0
+    copies: int = bounded(0, 0)
     """Augmented copies of each training record added to the training data; 0: off. The count is
     recorded as augmented_examples. Only the input field (text or prompt) changes, never the target."""
-    p_delete: float = 0.1
+    p_delete: float = bounded(0.1, 0, at_most=1)
     """Chance that each word of a copy is deleted."""
-    p_swap: float = 0.1
+    p_swap: float = bounded(0.1, 0, at_most=1)
     """Swaps of two random words, per word of the copy."""
-    p_insert: float = 0.1
+    p_insert: float = bounded(0.1, 0, at_most=1)
     """Insertions of a word (a synonym of a random word of the record, else one of its words), per word."""
-    p_synonym: float = 0.1
+    p_synonym: float = bounded(0.1, 0, at_most=1)
     """Chance that each word with a lexicon entry is replaced by one of its synonyms."""
     lexicon_path: Optional[str] = None
     """JSON file {word: [synonyms]}. None: built from the training records (words that share contexts)."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of the augmentation (each record's copies depend only on it and the record)."""
 
 
@@ -354,10 +385,11 @@ class FinetuneConfig(TrainConfig):
     init: str = "pretrained"
     """'pretrained': start from the pretrain step's weights; 'random': the same architecture and
     tokenizer from random initialisation (the no-pretraining control: does pretraining help?)."""
-    max_epochs: float = 0.0
+    max_epochs: float = bounded(0.0, 0, at_most=1000,
+                                why="more passes than that memorise the training records; typical values 1..10")
     """Budget in passes over the (augmented) training records: when > 0 it sets max_steps to
     ceil(max_epochs x records / global_batch_size), replacing finetune.max_steps."""
-    replay_fraction: float = 0.0
+    replay_fraction: float = bounded(0.0, 0, below=1)
     """Continual learning: each micro-batch also carries ceil(replay_fraction x micro_batch_size) rows of
     the pretraining data (the tokenize step's train split, cut at max_length), and the training loss
     is (1 - replay_fraction) x task loss + replay_fraction x their next-token loss (through the output
@@ -366,15 +398,15 @@ class FinetuneConfig(TrainConfig):
     """Full fine-tuning: leave the input embeddings (and a tied output head) as pretrained."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    max_length: int = 256
+    max_length: int = bounded(256, 2)
     """Prompt plus target tokens; longer prompts are cut (their tail template is kept)."""
-    attention_dropout: float = 0.0
+    attention_dropout: float = bounded(0.0, 0, below=1)
     """Dropout on the attention probabilities while fine-tuning (the model's attention_dropout)."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: float = bounded(0.0, 0, below=1)
     """Dropout on each decoder layer's output (the residual stream) while fine-tuning."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, 0, below=1)
     """Label smoothing of the target-token cross-entropy (for classification: the label tokens)."""
-    adversarial_epsilon: float = 0.0
+    adversarial_epsilon: float = bounded(0.0, 0)
     """FGM adversarial training: each batch is also trained on its input embeddings moved by this
     L2 norm along the loss gradient (the loss is the mean of the clean and perturbed ones); 0: off."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -385,11 +417,11 @@ class FinetuneConfig(TrainConfig):
 class StdlibTaskConfig:
     packages: list[str] = field(default_factory=lambda: ["asyncio", "email", "multiprocessing", "unittest", "xml"])
     """Standard-library packages whose functions are classified."""
-    max_per_label: int = 300
+    max_per_label: int = bounded(300, 1)
     """Functions sampled per package (balanced classes)."""
-    min_lines: int = 4
+    min_lines: int = bounded(4, 1)
     """Shorter functions are skipped."""
-    max_chars: int = 1200
+    max_chars: int = bounded(1200, 1)
     """Function source is cut to this many characters."""
 
 
@@ -416,9 +448,9 @@ class TaskConfig:
     header: bool = True
     """CSV/TSV task files: the first row names the columns. false: every row is a record and the columns
     are taken by position, by default in the kind's field order (text, label / prompt, completion)."""
-    test_fraction: float = 0.2
+    test_fraction: float = bounded(0.2, 0)
     """Share held out for testing when test_path is None."""
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, 0)
     """Share of the training records used for validation during fine-tuning."""
     prompt_template: str = "{text}\n### Label:"
     """Prompt around the input field ({text} or {prompt}); not used for chat."""
@@ -430,7 +462,7 @@ class TaskConfig:
     template (tokenizer.chat_template) adds <|end|> after each turn and is not used here."""
     zero_shot_template: str = "Answer with one of: {labels}.\n{text}\n### Label:"
     """Classification: the prompt of the zero-shot baseline (the untuned model told the labels)."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of the splits."""
 
 
@@ -440,9 +472,9 @@ class RobustnessConfig:
     """Task metric of the fine-tuned model on perturbed test inputs, one run each, beside the clean
     metric: 'typos' (a neighbouring-key letter), 'casing' (a word's case flipped), 'deleted_words'.
     Empty: off."""
-    rate: float = 0.1
+    rate: float = bounded(0.1, 0, at_most=1)
     """Share of words perturbed."""
-    seed: int = 0
+    seed: int = bounded(0, 0)
     """Seed of the perturbations."""
 
 
@@ -452,40 +484,40 @@ class QuantizeConfig:
     """Also score a post-training int8 copy of the fine-tuned model (dynamic quantisation of the
     linear layers, CPU), saved as quantized/model_int8.pt; reports size on disk, tokens/s and the
     metric delta against the float model."""
-    sparsity: float = 0.0
+    sparsity: float = bounded(0.0, 0, below=1)
     """Magnitude pruning before quantisation: this share of each linear layer's weights (the
     smallest) set to zero; 0: none."""
 
 
 @dataclass
 class EvalConfig:
-    max_examples: int = 200
+    max_examples: int = bounded(200, 1)
     """Test examples scored per model (the first N of the test split)."""
-    ppl_batches: int = 16
+    ppl_batches: int = bounded(16, 1)
     """Validation sequences (of tokenizer.seq_len) for perplexity."""
-    num_samples: int = 3
+    num_samples: int = bounded(3, 0)
     """Sample generations from held-out text."""
-    sample_prompt_tokens: int = 24
+    sample_prompt_tokens: int = bounded(24, 1)
     """Prompt length of the sample generations."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = bounded(32, 1)
     """Generated tokens per sample (greedy)."""
     no_pretraining: bool = True
     """Classification: a `control` step fine-tunes the same way from random initialisation (full
     fine-tuning, the first branch's settings and budget), scored as the `no_pretraining` row: does
     pretraining help? Off: no control step."""
-    bootstrap_resamples: int = 1000
+    bootstrap_resamples: int = bounded(1000, 0)
     """Resamples of the test examples behind each task metric's 95% interval (<metric>_low/_high) and
     the paired comparisons of the fine-tuned model with the baselines; 0: no intervals."""
-    tfidf_c: float = 10.0
+    tfidf_c: float = bounded(10.0, 1e-9)
     """Inverse regularisation strength of the TF-IDF + logistic regression baseline (classification)."""
-    ngram_order: int = 3
+    ngram_order: int = bounded(3, 0)
     """Order of the Kneser-Ney n-gram baseline beside the unigram one in the perplexity report; 0: off."""
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     ensemble: list[str] = field(default_factory=list)
     """Branches of `finetunes` whose label probabilities are averaged in an `ensemble` step (classification),
     reported beside each member; at least two, empty: none."""
-    num_threads: int = placement(2, "Torch threads of the evaluation task.")
+    num_threads: int = placement(2, "Torch threads of the evaluation task.", low=1)
 
 
 @dataclass
@@ -495,14 +527,32 @@ class DecontaminateConfig:
 
     enabled: bool = True
     """Run the step: a report per set, with metrics in MLflow."""
-    ngram: int = 13
+    ngram: int = bounded(13, 1)
     """Words per n-gram; an example sharing one n-gram with a corpus document is contaminated."""
     sets: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     """Which of the task's splits are checked."""
     remove: bool = False
     """Also leave the corpus documents that overlap a checked set out of tokenization (and so of
     pretraining); tokenize then depends on the task data."""
-    num_tasks: int = placement(8, "Parallel tasks the corpus is hashed in.")
+    num_tasks: int = placement(8, "Parallel tasks the corpus is hashed in.", low=1)
+
+
+@dataclass
+class ServeConfig:
+    """After a run (pipelines/serving_models.py: after_run): print the `python -m pipelines.serve` command
+    that serves the run's models, or serve them. Read after the steps; in no step's fingerprint."""
+
+    enabled: bool = False
+    """Serve the run's models when the pipeline finishes (the OpenAI-compatible Ray Serve app of
+    `pipelines.serve`), printing its address and blocking until Ctrl-C. false: print the command only."""
+    host: str = "127.0.0.1"
+    """Address the server binds (0.0.0.0 exposes it; set $LMFORGE_API_KEY to require a key)."""
+    port: int = bounded(8000, 1, at_most=65535, why="TCP ports end at 65535")
+    """HTTP port of the server."""
+    num_cpus: Optional[int] = bounded(None, 1)
+    """CPUs of the model replica (and of the embedded Ray it starts). None: pipelines.serve's default."""
+    max_batch_size: int = bounded(8, 1)
+    """Most requests decoded together."""
 
 
 @dataclass
@@ -522,6 +572,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     experiment_name: str = "default"
     """Name of this experiment (MLflow run name)."""
     dry_run: bool = False

@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None, read=input) -> int:
     args = parser().parse_args(argv)
     try:
         check_sampling(args)
-        summary, specs, skipped = serving_models.selected_models(args)
+        summary, specs, skipped, source = serving_models.selected_models(args)
         spec = specs[0] if summary is None else serving_models.pick_branch(specs, skipped, args.branch, summary)
+        spec = serving_models.fetched([spec], source, say=lambda line: print(line, file=sys.stderr))[0]
         model = load_models([spec])[spec.id]
         session = Session(model, args)
     except UserError as error:

@@ -1,8 +1,11 @@
-"""The pipeline graph: which steps exist, what config each reads, how they connect, and the plan.
+"""The pipeline graph: which steps exist, what each reads and what enters its fingerprint, and the plan.
 
-A step's fingerprint hashes (name, version, its own resolved config section without placement
-fields, upstream fingerprints); its output lives at `<root>/<step>/<fingerprint>/`. `plan`
-says per step *run* or *cached* and, for *run*, why.
+Each step is declared once, below, with its inputs (some only under a setting: `Read(step, when)`)
+and its fingerprint rule (an `identity` function beside it). A step's fingerprint hashes (name,
+version, its own resolved config section without placement fields, upstream fingerprints); its
+output lives at `<root>/<step>/<fingerprint>/`. The steps of an experiment are the enabled ones, in
+a topological order (among the steps ready at a point, the one declared first); `plan` says per
+step *run* or *cached* and, for *run*, why.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from conf.schema import (Config, EnsembleStepConfig, EvaluateStepConfig, FinetuneStepConfig, PretrainStepConfig,
                          TrainConfig)
@@ -34,6 +37,96 @@ def identity(section: Any) -> Any:
     return section
 
 
+@dataclass(frozen=True)
+class Read:
+    """An input a step reads only under some settings: `when(cfg, section)`, section being the step's own."""
+    step: str
+    when: Callable[[Config, Any], bool]
+
+
+def always(cfg: Config) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    """Unique in a plan: 'finetune', or 'finetune.lora' for a branch."""
+    version: int
+    fn: Callable
+    section: Callable[[Config], Any]
+    deps: tuple[Union[str, Read], ...] = ()
+    """The steps it reads; `Read` entries only where their condition holds (`wired` resolves them to names)."""
+    train: Optional[Callable[[Any], TrainConfig]] = None
+    """For training steps: where the workers' settings are; they run as a Ray Train job."""
+    identity: Callable[[Any], Any] = identity
+    kind: str = ""
+    """The step function's name where `name` carries a branch: fingerprints, output directories
+    and the input names a step sees use it, so a branch shares its cache with a single run."""
+    members: tuple[str, ...] = ()
+    """Steps of one kind read as a group (an ensemble's evaluate branches): planned before this one,
+    their fingerprints join its identity and their directories its section's `member_dirs`."""
+    enabled: Callable[[Config], bool] = always
+    """Whether an experiment has this step at all."""
+
+    @property
+    def base(self) -> str:
+        return self.kind or self.name
+
+
+# ingest: the corpus, by name, size and bytes.
+def ingest_identity(section) -> dict:
+    """The corpus files by name, size and bytes (remote ones by modification time); a language-identification model file by its bytes."""
+    view = {**identity(section), "sources_digest": ingest.sources_digest(section)}
+    if section.filters.language_model and section.filters.languages:
+        view["language_model_digest"] = sources.content_digest(section.filters.language_model,
+                                                               "data.filters.language_model")
+    return view
+
+
+INGEST = Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity)
+
+
+# tokenize: reads the decontaminate step's verdict with decontaminate.remove.
+def tokenize_identity(section) -> dict:
+    """A reused tokenizer (tokenizer.path, a placement field) counts by its files' bytes, and the
+    training settings it makes irrelevant drop out."""
+    view = identity(section)
+    if section.path:
+        for unused in tokenize.TRAINING_FIELDS:
+            view.pop(unused)
+        view["tokenizer_digest"] = tokenizer_files.files_digest(section.path)
+    return view
+
+
+def removes_overlap(cfg: Config, section=None) -> bool:
+    """decontaminate.remove: the corpus documents that overlap the task's sets are left out of tokenization."""
+    return cfg.decontaminate.enabled and cfg.decontaminate.remove
+
+
+TOKENIZE = Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest", Read("decontaminate", removes_overlap)),
+                identity=tokenize_identity)
+PRETRAIN = Step("pretrain", 3, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
+                train=lambda s: s.pretrain)
+
+
+# taskdata: the user's task files by their bytes.
+def taskdata_identity(section) -> dict:
+    """The user's task files count by their bytes: a file edited in place reruns taskdata and all after it."""
+    view = identity(section)
+    if section.builtin is None:
+        view["file_digests"] = {key: sources.content_digest(getattr(section, key), f"task.{key}")
+                                for key in ("train_path", "val_path", "test_path") if getattr(section, key)}
+    return view
+
+
+TASKDATA = Step("taskdata", 1, taskdata.run, lambda c: c.task, identity=taskdata_identity)
+DECONTAMINATE = Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata"),
+                     enabled=lambda c: c.decontaminate.enabled)
+"""Without decontaminate.remove a leaf: its metrics and report.json."""
+
+
+# finetune (and the control, and each branch): options of unused methods drop out.
 def finetune_identity(section: FinetuneStepConfig) -> dict:
     """Options of the finetuning methods not in use do not change the result; an augmentation lexicon
     counts by its bytes."""
@@ -47,81 +140,14 @@ def finetune_identity(section: FinetuneStepConfig) -> dict:
     return view
 
 
-def taskdata_identity(section) -> dict:
-    """The user's task files count by their bytes: a file edited in place reruns taskdata and all after it."""
-    view = identity(section)
-    if section.builtin is None:
-        view["file_digests"] = {key: sources.content_digest(getattr(section, key), f"task.{key}")
-                                for key in ("train_path", "val_path", "test_path") if getattr(section, key)}
-    return view
+def replays(cfg: Config, section: FinetuneStepConfig) -> bool:
+    """A fine-tuning with replay (finetune.replay_fraction) reads the tokenize step's pretraining rows."""
+    return section.finetune.replay_fraction > 0
 
 
-def evaluate_identity(section: EvaluateStepConfig) -> dict:
-    """Which branches an ensemble step combines does not change any one branch's evaluation."""
-    view = identity(section)
-    view["eval"].pop("ensemble", None)
-    return view
-
-
-def ingest_identity(section) -> dict:
-    """The corpus files by name, size and bytes (remote ones by modification time); a language-identification model file by its bytes."""
-    view = {**identity(section), "sources_digest": ingest.sources_digest(section)}
-    if section.filters.language_model and section.filters.languages:
-        view["language_model_digest"] = sources.content_digest(section.filters.language_model,
-                                                               "data.filters.language_model")
-    return view
-
-
-def tokenize_identity(section) -> dict:
-    """A reused tokenizer (tokenizer.path, a placement field) counts by its files' bytes, and the
-    training settings it makes irrelevant drop out."""
-    view = identity(section)
-    if section.path:
-        for unused in tokenize.TRAINING_FIELDS:
-            view.pop(unused)
-        view["tokenizer_digest"] = tokenizer_files.files_digest(section.path)
-    return view
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    """Unique in a plan: 'finetune', or 'finetune.lora' for a branch."""
-    version: int
-    fn: Callable
-    section: Callable[[Config], Any]
-    deps: tuple[str, ...] = ()
-    train: Optional[Callable[[Any], TrainConfig]] = None
-    """For training steps: where the workers' settings are; they run as a Ray Train job."""
-    identity: Callable[[Any], Any] = identity
-    kind: str = ""
-    """The step function's name where `name` carries a branch: fingerprints, output directories
-    and the input names a step sees use it, so a branch shares its cache with a single run."""
-    members: tuple[str, ...] = ()
-    """Steps of one kind read as a group (an ensemble's evaluate branches): planned before this one,
-    their fingerprints join its identity and their directories its section's `member_dirs`."""
-
-    @property
-    def base(self) -> str:
-        return self.kind or self.name
-
-
-STEPS = (
-    Step("ingest", 1, ingest.run, lambda c: c.data, identity=ingest_identity),
-    Step("tokenize", 1, tokenize.run, lambda c: c.tokenizer, ("ingest",), identity=tokenize_identity),
-    Step("pretrain", 3, pretrain.train_worker, lambda c: PretrainStepConfig(c.model, c.pretrain), ("tokenize",),
-         train=lambda s: s.pretrain),
-    Step("taskdata", 1, taskdata.run, lambda c: c.task, identity=taskdata_identity),
-    Step("decontaminate", 1, decontaminate.run, lambda c: c.decontaminate, ("ingest", "taskdata")),
-    Step("finetune", 3, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
-         ("pretrain", "taskdata"), train=lambda s: s.finetune, identity=finetune_identity),
-    Step("evaluate", 2, evaluate.run,
-         lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
-         ("tokenize", "pretrain", "taskdata", "finetune"), identity=evaluate_identity),
-)
-VERSIONS = {step.name: step.version for step in STEPS}
-"""Raised when a step's results change with the same config: pretrain 2 and finetune 3 (control 2)
-export model cards and generation defaults, with the tokenizer's BOS id in config.json."""
+def has_control(cfg: Config, section=None) -> bool:
+    """eval.no_pretraining (classification): a control step, which every evaluation reads."""
+    return cfg.eval.no_pretraining and cfg.task.kind == "classification"
 
 
 def control_section(c: Config) -> FinetuneStepConfig:
@@ -132,32 +158,43 @@ def control_section(c: Config) -> FinetuneStepConfig:
 
 
 CONTROL = Step("control", 2, finetune.train_worker, control_section, ("pretrain", "taskdata"),
-               train=lambda s: s.finetune, identity=finetune_identity)
+               train=lambda s: s.finetune, identity=finetune_identity, enabled=has_control)
 
 
-def with_replay(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
-    """A fine-tuning with replay (finetune.replay_fraction) reads the tokenize step's pretraining rows."""
-    replays = lambda step: step.base == "finetune" and step.section(cfg).finetune.replay_fraction > 0
-    return tuple(dataclasses.replace(s, deps=(*s.deps, "tokenize")) if replays(s) else s for s in steps)
+# evaluate: which branches an ensemble combines drops out.
+def evaluate_identity(section: EvaluateStepConfig) -> dict:
+    """Which branches an ensemble step combines does not change any one branch's evaluation."""
+    view = identity(section)
+    view["eval"].pop("ensemble", None)
+    return view
 
 
-def with_control(cfg: Config, steps: tuple[Step, ...]) -> tuple[Step, ...]:
-    """eval.no_pretraining (classification): the control step before the evaluations, each of which reads it."""
-    if not (cfg.eval.no_pretraining and cfg.task.kind == "classification"):
-        return steps
-    judged = tuple(dataclasses.replace(s, deps=(*s.deps, "control")) if s.base == "evaluate" else s for s in steps)
-    first = next(i for i, s in enumerate(judged) if s.base == "finetune")
-    return judged[:first] + (CONTROL,) + judged[first:]
+def single(cfg: Config) -> bool:
+    """One fine-tuning (the `finetune` section): no branches in `finetunes`."""
+    return not cfg.finetunes
+
+
+FINETUNE = Step("finetune", 3, finetune.train_worker, lambda c: FinetuneStepConfig(c.finetune, c.task),
+                ("pretrain", "taskdata", Read("tokenize", replays)), train=lambda s: s.finetune,
+                identity=finetune_identity, enabled=single)
+EVALUATE = Step("evaluate", 2, evaluate.run, lambda c: EvaluateStepConfig(c.eval, c.task, c.finetune.max_length),
+                ("tokenize", "pretrain", "taskdata", "finetune", Read("control", has_control)),
+                identity=evaluate_identity, enabled=single)
+
+STEPS = (INGEST, TOKENIZE, PRETRAIN, TASKDATA, DECONTAMINATE, CONTROL, FINETUNE, EVALUATE)
+"""Declaration order, which breaks ties in the plan; branches (`finetunes`) and the ensemble follow."""
+VERSIONS = {step.name: step.version for step in STEPS}
+"""Raised when a step's results change with the same config: pretrain 2 and finetune 3 (control 2)
+export model cards and generation defaults, with the tokenizer's BOS id in config.json."""
 
 
 def branch_steps(name: str, ft) -> tuple[Step, Step]:
-    """finetune.<name> and evaluate.<name> for one entry of `finetunes`."""
-    tune = Step(f"finetune.{name}", VERSIONS["finetune"], finetune.train_worker,
-                lambda c: FinetuneStepConfig(ft, c.task), ("pretrain", "taskdata"), train=lambda s: s.finetune,
-                identity=finetune_identity, kind="finetune")
-    judge = Step(f"evaluate.{name}", VERSIONS["evaluate"], evaluate.run,
-                 lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
-                 ("tokenize", "pretrain", "taskdata", tune.name), identity=evaluate_identity, kind="evaluate")
+    """finetune.<name> and evaluate.<name> for one entry of `finetunes`: the single steps, reading `ft`."""
+    tune = dataclasses.replace(FINETUNE, name=f"finetune.{name}", section=lambda c: FinetuneStepConfig(ft, c.task),
+                               kind="finetune", enabled=always)
+    judge = dataclasses.replace(EVALUATE, name=f"evaluate.{name}", kind="evaluate", enabled=always,
+                                section=lambda c: EvaluateStepConfig(c.eval, c.task, ft.max_length),
+                                deps=tuple(tune.name if dep == "finetune" else dep for dep in EVALUATE.deps))
     return tune, judge
 
 
@@ -167,33 +204,46 @@ def ensemble_step(branches: list[str]) -> Step:
     def section(c: Config) -> EnsembleStepConfig:
         return EnsembleStepConfig(c.eval, c.task, max_length=min(c.finetunes[b].max_length for b in branches))
 
-    return Step("ensemble", 1, ensemble.run, section, ("taskdata",),
-                members=tuple(f"evaluate.{name}" for name in branches))
+    # version 2: classification ensembles report intervals and paired differences with majority and TF-IDF
+    return Step("ensemble", 2, ensemble.run, section, ("taskdata",),
+                members=tuple(f"evaluate.{name}" for name in branches), enabled=lambda c: bool(c.eval.ensemble))
 
 
-def data_steps(cfg: Config) -> tuple[Step, ...]:
-    """The steps before fine-tuning. With decontaminate.remove, tokenize reads the decontaminate
-    step's verdict, so the task data and decontamination come first; without it the report is a
-    leaf (its metrics and report.json), and decontaminate.enabled=false leaves it out."""
-    steps = {step.name: step for step in STEPS if step.name not in ("finetune", "evaluate")}
-    if not cfg.decontaminate.enabled:
-        del steps["decontaminate"]
-    elif cfg.decontaminate.remove:
-        tokenize_after = dataclasses.replace(steps["tokenize"], deps=("ingest", "decontaminate"))
-        return (steps["ingest"], steps["taskdata"], steps["decontaminate"], tokenize_after, steps["pretrain"])
-    return tuple(steps.values())
+def declared(cfg: Config) -> tuple[Step, ...]:
+    """Every step an experiment could have: the fixed ones, then per branch of `finetunes` a
+    finetune/evaluate pair, then the ensemble of some of them."""
+    branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
+    return (*STEPS, *branches, *((ensemble_step(cfg.eval.ensemble),) if cfg.finetunes else ()))
+
+
+def wired(step: Step, cfg: Config) -> Step:
+    """The step with the inputs it reads under `cfg`: each `Read` kept, as a name, where its condition holds."""
+    section = step.section(cfg)
+    deps = tuple(dep if isinstance(dep, str) else dep.step for dep in step.deps
+                 if isinstance(dep, str) or dep.when(cfg, section))
+    return dataclasses.replace(step, deps=deps)
+
+
+def topological(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """The steps, each after every step it reads; of those ready at a point, the one declared first."""
+    names = {step.name for step in steps}
+    for step in steps:
+        if missing := sorted(set(step.deps + step.members) - names):
+            raise ValueError(f"step {step.name} reads {missing}, which are not steps of this experiment")
+    placed: dict[str, Step] = {}
+    while len(placed) < len(steps):
+        ready = [s for s in steps if s.name not in placed and set(s.deps + s.members) <= set(placed)]
+        if not ready:
+            raise ValueError(f"steps read each other in a circle: {sorted(names - set(placed))}")
+        placed[ready[0].name] = ready[0]
+    return tuple(placed.values())
 
 
 def steps_for(cfg: Config) -> tuple[Step, ...]:
-    """The graph of an experiment: one finetune/evaluate pair, or one per branch in `finetunes`; with
-    `until`, only the steps that one needs."""
-    shared = data_steps(cfg)
-    if not cfg.finetunes:
-        tail = with_control(cfg, with_replay(cfg, tuple(step for step in STEPS if step.name in ("finetune", "evaluate"))))
-    else:
-        branches = tuple(step for name, ft in cfg.finetunes.items() for step in branch_steps(name, ft))
-        tail = with_control(cfg, with_replay(cfg, branches)) + ((ensemble_step(cfg.eval.ensemble),) if cfg.eval.ensemble else ())
-    return needed_for(shared + tail, cfg.until) if cfg.until else shared + tail
+    """The graph of an experiment: the enabled steps, wired and in topological order; with `until`,
+    only the steps that one needs."""
+    steps = topological(tuple(wired(step, cfg) for step in declared(cfg) if step.enabled(cfg)))
+    return needed_for(steps, cfg.until) if cfg.until else steps
 
 
 def needed_for(steps: tuple[Step, ...], until: str) -> tuple[Step, ...]:

@@ -1,29 +1,27 @@
 """Runs the planned steps on Ray: data steps as Ray tasks (which fan out with `parallel_map`),
 training steps as Ray Train `TorchTrainer` jobs (gloo on CPU, NCCL on GPU). Cached steps
-are skipped. The only module that knows Ray.
+are skipped. The only module that knows Ray; where results live and how they move (a shared
+root, a step store, an object store) is pipelines/storage.py's, one code path here per step kind.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf.schema import Config
-from pipelines import artifacts, locks
-from pipelines.stopping import STOP, DiskFull, Preempted, fit_here, fit_on_nodes, out_of_space, watch_stop_request
-from pipelines import store as store_module
+from pipelines import artifacts
 from pipelines.dag import PlannedStep, datasets_read
 from pipelines.redaction import redact, redact_text
+from pipelines.stopping import STOP, DiskFull, Preempted, fit_off_main_thread, out_of_space
+from pipelines.storage import Attempt, Storage
 from pipelines.tracking import Tracker, error_line
-from tasks.common import Progress, TaskContext, UserError, write_atomic, write_json
-from tasks.training import OWNER_FILE, STOP_FILE
+from tasks.common import Progress, TaskContext, UserError
 
 # Passed to every Ray worker: fewer framework messages between the progress lines.
 WORKER_ENV = {
@@ -135,139 +133,77 @@ def _apply(fn, item):
     return fn(item)
 
 
-def _run_task(step, section, inputs: dict, out_dir: str, log_metrics, num_cpus: int,
-              work_dir: str) -> tuple[dict, str]:
-    import ray
-
-    ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=num_cpus, work_dir=Path(work_dir))
-    ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result)
-    return step.fn(section, inputs, Path(out_dir), ctx), ray.get_runtime_context().get_node_id()
-
-
-def run_data_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, resources: dict,
-                  work_dir: Path) -> tuple[dict, list]:
-    """The step's metrics, and the Ray node it ran on. work_dir outlives a failed attempt (finished work units)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(_run_task)
-    num_cpus = max(int(resources.get("CPU", 1)), 1)
-    metrics, node_id = ray.get(task.remote(item.step, item.section, inputs, str(out_dir), log_metrics, num_cpus,
-                                           str(work_dir)))
-    return metrics, [node_id]
-
-
-@dataclass(frozen=True)
-class NodeRoots:
-    """paths.root is a URI: the nodes share only that store, and each works in its own copy
-    (store.cache_root: paths.cache, or $LMFORGE_CACHE on the node)."""
-    store_uri: str
-    cache: str
-    driver_root: Path
-
-    def here(self):
-        """This node's working copy and the store."""
-        return store_module.cache_root(self.cache), store_module.root_store(self.store_uri)
-
-
-def _run_task_on_node(step, section, upstream: dict, base: dict, log_metrics, nodes: NodeRoots) -> dict:
-    """A data step on whichever node Ray picked: fetch its inputs there, run it, publish it to the store."""
+def _run_data_task(step, section, attempt: Attempt, log_metrics, cluster_cpus: int) -> dict:
+    """A data step on whichever node Ray picked: its inputs there, the step run, its result published."""
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    root, store = nodes.here()
     say = TaskContext(step.name).say
-    inputs = store_module.fetch_steps(store, root, upstream, say)
-    section = store_module.relocate(section, nodes.driver_root, root, store, say)
-    fingerprint = base["fingerprint"]
-    num_cpus = next(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["NodeID"] == node_id)
-    with locks.step_lock(locks.lock_path(root, step.base, fingerprint, "node"), say):
-        staging = artifacts.staging_dir(root, step.base, fingerprint)
-        work_dir = artifacts.partial_dir(root, step.base, fingerprint)
-        ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=max(num_cpus, 1), work_dir=work_dir,
-                          mirror=store_module.NodeMirror(nodes.store_uri, str(root)))  # finished work units
-        ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result, node_id)
-        try:
-            metrics = step.fn(section, inputs, staging, ctx)
-            manifest = store_module.publish(staging, root, store, finished(base, inputs, metrics, [node_id]))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        store.delete_dir(f"{step.base}/{work_dir.name}")
-    return manifest
+    with attempt.data(section, say) as place:
+        pin = node_id if place.pinned else None  # the step's directories are on this node alone
+        num_cpus = node_cpus(pin) if pin else cluster_cpus
+        ctx = TaskContext(step.name, log_metrics=log_metrics, num_cpus=max(num_cpus, 1), work_dir=place.work_dir,
+                          mirror=place.mirror)  # finished work units
+        ctx.parallel_map = lambda fn, items, on_result=None: ray_map(fn, items, ctx, on_result, pin)
+        metrics = step.fn(place.section, place.inputs, place.staging, ctx)
+        return attempt.publish(place, metrics, [node_id])
 
 
-def finished(base: dict, inputs: dict, metrics: dict, node_ids: list) -> dict:
-    """A step's manifest (before sealing) once it has finished."""
-    return {**base, "inputs": inputs, "metrics": metrics, "finished_at": time.time(),
-            "seconds": time.time() - base["started_at"],
-            "placement": {"node_ids": node_ids}}  # where it ran (Ray node ids); not part of the result
+def node_cpus(node_id: str) -> int:
+    import ray
+
+    return next(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["NodeID"] == node_id)
 
 
-def run_training_step(item: PlannedStep, inputs: dict, out_dir: Path, log_metrics, root: Path,
-                      nodes: NodeRoots | None = None, base: dict | None = None) -> tuple[dict, list]:
-    """The step's metrics, and the Ray node of rank 0. With `nodes` (no shared root) each node
-    trains in its own copy and rank 0 publishes the result to the store (`base`: its manifest so far)."""
+def run_data_step(item: PlannedStep, attempt: Attempt, log_metrics, resources: dict) -> dict:
+    """The step's manifest, once a Ray task has run and published it."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_run_data_task)
+    cluster_cpus = max(int(resources.get("CPU", 1)), 1)
+    return ray.get(task.remote(item.step, item.section, attempt, log_metrics, cluster_cpus))
+
+
+def run_training_step(item: PlannedStep, attempt: Attempt, log_metrics, root: Path) -> dict:
+    """The step's manifest, once a Ray Train job has trained it; its rank 0 reports the outcome (and
+    where the nodes share no directory publishes it). `root`: where Ray Train keeps its runs."""
     import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = item.step.train(item.section)
-    step, section, fingerprint = item.step, item.section, item.fingerprint
-    token = uuid.uuid4().hex
-    store = nodes.here()[1] if nodes else None
-    outcome_name, stop_name = (f"{step.base}/.partial-{fingerprint}/{name}" for name in (artifacts.TRAIN_METRICS, STOP_FILE))
+    step, section = item.step, item.section
 
     def loop_per_worker(_config):
         if not train.use_gpu:  # DeepSpeed would otherwise probe for accelerators and warn about it
             os.environ["DS_ACCELERATOR"] = "cpu"
         rank = ray.train.get_context().get_world_rank()
-        node_id = ray.get_runtime_context().get_node_id()
         ctx = TaskContext(step.name, log_metrics=log_metrics if rank == 0 else _ignore, num_cpus=train.cpus_per_worker)
-        here, local_inputs, work_dir = root, inputs, out_dir
-        if nodes:
-            here, node_store = nodes.here()
-            local_inputs = store_module.fetch_steps(node_store, here, item.upstream, ctx.say)
-            work_dir = artifacts.partial_dir(here, step.base, fingerprint)
-            work_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(work_dir / OWNER_FILE, lambda fh: fh.write(token.encode()))  # fences this node's old workers
-            ctx.mirror = store_module.NodeMirror(nodes.store_uri, str(here))  # checkpoints through the store
-        end_watch = watch_stop_request(node_store, stop_name, work_dir / STOP_FILE) if nodes and rank == 0 else _ignore
-        try:
-            metrics = step.fn(section, local_inputs, work_dir, ctx)
-        finally:
-            end_watch()
-        # Ray Train keeps reported metrics only with checkpoints: hand them over as a file, unless
-        # another launch has taken the step over since (this attempt's driver was killed).
-        if rank == 0 and (work_dir / OWNER_FILE).read_text() == token:
-            if nodes and "stopped_at_step" not in metrics:
-                for leftover in (OWNER_FILE, STOP_FILE):
-                    (work_dir / leftover).unlink(missing_ok=True)
-                store_module.publish(work_dir, here, node_store, finished(base, local_inputs, metrics, [node_id]))
-            if nodes:
-                node_store.put_json(outcome_name, {"metrics": metrics, "node_id": node_id})
-            else:
-                write_json(out_dir / artifacts.TRAIN_METRICS, {"metrics": metrics, "node_id": node_id})
+        with attempt.training(rank, ctx.say) as (place, stop):
+            ctx.mirror, ctx.stop = place.mirror, stop
+            metrics = step.fn(section, place.inputs, place.work_dir, ctx)
+        if rank == 0:
+            attempt.report(place, metrics, ray.get_runtime_context().get_node_id())
 
     trainer = TorchTrainer(
         loop_per_worker,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        run_config=RunConfig(name=artifacts.train_run_name(step.name, fingerprint),
+        run_config=RunConfig(name=artifacts.train_run_name(step.name, item.fingerprint),
                              storage_path=str((root / artifacts.TRAIN_RUNS).resolve()),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    if nodes:
-        reported = fit_on_nodes(trainer, store, stop_name, outcome_name)
-    else:
-        reported = fit_here(trainer, out_dir, token)
+    reported = attempt.fit(lambda request_stop: STOP.while_training(request_stop, lambda: fit_off_main_thread(trainer)))
     metrics = reported["metrics"]
     if "stopped_at_step" in metrics:
         raise Preempted(f"stopped by {STOP.signal_name}: {step.name} checkpointed at step {metrics['stopped_at_step']}; "
                         f"rerun the same command to continue from there", STOP.exit_code)
-    return metrics, [reported["node_id"]]
+    manifest = attempt.publish_training(reported)
+    artifacts.remove_train_runs(root, step.base, item.fingerprint)  # kept when an attempt fails
+    return manifest
 
 
 def _ignore(*_args, **_kwargs) -> None:
@@ -293,57 +229,42 @@ REVIEW_FILES = [artifacts.MANIFEST, "report.json", "quarantine.json", "mixture.j
 """What each step's MLflow run shows of its directory."""
 
 
-def execute(planned: list[PlannedStep], root: Path, tracker: Tracker, resources: dict, store=None,
-            nodes: NodeRoots | None = None) -> list[StepResult]:
-    """Run or reuse each planned step in order; with a step store, download the steps cached only
-    there and upload every result it lacks. With `nodes` the store is the root: steps run and
-    publish on their nodes, and nothing is downloaded here but what MLflow shows."""
+def execute(planned: list[PlannedStep], storage: Storage, tracker: Tracker, resources: dict) -> list[StepResult]:
+    """Run or reuse each planned step in order; `storage` says where results are and how they move."""
     results = []
     for index, item in enumerate(planned, start=1):
         name = item.step.name
-        inputs = {dep: root / dep / fp for dep, fp in item.upstream.items()}
         run_id = tracker.start_step(name, item.fingerprint, item.status, item.reason, item.view)
-        tracker.log_inputs(run_id, datasets_read(item, root))
+        tracker.log_inputs(run_id, datasets_read(item, storage.root))
         started = time.monotonic()
         say = lambda message: print(f"[{index}/{len(planned)}] {name}: {message}", flush=True)
-        ran = False
-        if item.in_store and nodes:
-            manifest = store.manifest(item.step.base, item.fingerprint)
-            say(f"cached ({item.fingerprint}) in {redact_text(store.uri)}")
-        elif item.in_store:
-            with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
-                manifest = store.pull(item.step.base, item.fingerprint, root)
-            say(f"cached ({item.fingerprint}), downloaded from the step store")
-        elif item.status == "cached":
-            manifest = artifacts.read_manifest(item.out_dir)
-            say(f"cached ({item.fingerprint})")
-        else:
-            with locks.step_lock(locks.lock_path(root, item.step.base, item.fingerprint), say):
-                manifest = (store.manifest(item.step.base, item.fingerprint) if nodes
-                            else artifacts.read_manifest(item.out_dir))
-                if manifest and (nodes or not artifacts.damage(item.out_dir, manifest)):
-                    say(f"cached ({item.fingerprint}), finished by another launch meanwhile")
-                else:
-                    say(f"running, {item.reason}")
-                    manifest, ran = run_step(item, inputs, root, resources, tracker, run_id, nodes), True
-        published_on_node = nodes and ran  # uploaded by the node that ran it
-        if store is not None and not item.in_store and not published_on_node and store.push(item.out_dir, manifest):
-            say(f"uploaded to the step store {redact_text(store.uri)}")
+        manifest, ran = run_or_reuse(item, storage, tracker, run_id, resources, say)
+        storage.keep(item, manifest, ran, say)
         seconds = time.monotonic() - started
         metrics = manifest.get("metrics", {})
         tracker.log_metrics(run_id, metrics)
         if not ran and manifest.get("mlflow_run_id") not in (None, run_id):
             tracker.set_tags(run_id, {"lmforge.produced_by": manifest["mlflow_run_id"]})  # the run that computed it
-        with tempfile.TemporaryDirectory(prefix="lmforge-review-") as fetched:
-            shown = item.out_dir
-            if nodes and not artifacts.read_manifest(item.out_dir):  # the step's files are on another node
-                shown = Path(fetched)
-                store.fetch(manifest, REVIEW_FILES, shown)
+        with storage.review(item, manifest, REVIEW_FILES) as shown:
             show_step(tracker, run_id, name, shown)
         results.append(StepResult(name, "ran" if ran else "cached", seconds if ran else manifest.get("seconds", 0.0),
-                                  item.fingerprint, store.location(item.step.base, item.fingerprint) if nodes
-                                  else str(item.out_dir), metrics, run_id))
+                                  item.fingerprint, storage.location(item), metrics, run_id))
     return results
+
+
+def run_or_reuse(item: PlannedStep, storage: Storage, tracker: Tracker, run_id: str, resources: dict,
+                 say) -> tuple[dict, bool]:
+    """The step's manifest, and whether this launch ran it (under the step's lock, unless another
+    launch finished it meanwhile)."""
+    if item.status == "cached":
+        return storage.reuse(item, say), False
+    with storage.lock(item, say):
+        manifest = storage.finished_meanwhile(item)
+        if manifest:
+            say(f"cached ({item.fingerprint}), finished by another launch meanwhile")
+            return manifest, False
+        say(f"running, {item.reason}")
+        return run_step(item, storage, resources, tracker, run_id), True
 
 
 def show_step(tracker: Tracker, run_id: str, name: str, directory: Path) -> None:
@@ -355,52 +276,28 @@ def show_step(tracker: Tracker, run_id: str, name: str, directory: Path) -> None
     tracker.end(run_id)
 
 
-def run_step(item: PlannedStep, inputs: dict, root: Path, resources: dict, tracker: Tracker, run_id: str,
-             nodes: NodeRoots | None = None) -> dict:
+def run_step(item: PlannedStep, storage: Storage, resources: dict, tracker: Tracker, run_id: str) -> dict:
+    """Run a step and publish its result; a failure is recorded on its run (a full disk as DiskFull).
+    A training step keeps its checkpoints for the next attempt, a data step its finished work units."""
     log_metrics = tracker.metric_logger(run_id)
-    training = item.step.train is not None
-    work_dir = artifacts.partial_dir(root, item.step.base, item.fingerprint)  # kept when an attempt fails
     base = {
         "step": item.step.base, "version": item.step.version, "fingerprint": item.fingerprint,
         "config": redact(item.view), "upstream": item.upstream, "code_version": artifacts.code_version(),
         "started_at": time.time(), "mlflow_run_id": run_id,
     }
-    if training and not nodes:
-        staging = work_dir
-        staging.mkdir(parents=True, exist_ok=True)
-    elif not nodes:
-        staging = artifacts.staging_dir(root, item.step.base, item.fingerprint)
-    else:
-        staging = work_dir  # not made: the step runs and publishes on its node
+    attempt = storage.attempt(item, base, uuid.uuid4().hex)
     try:
-        if nodes and training:
-            run_training_step(item, inputs, staging, log_metrics, root, nodes, base)
-            artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # published by rank 0; kept on failure
-            return nodes.here()[1].manifest(item.step.base, item.fingerprint)
-        if nodes:
-            import ray
-
-            task = ray.remote(num_cpus=1)(_run_task_on_node)
-            return ray.get(task.remote(item.step, item.section, item.upstream, base, log_metrics, nodes))
-        if training:
-            metrics, node_ids = run_training_step(item, inputs, staging, log_metrics, root)
-        else:
-            metrics, node_ids = run_data_step(item, inputs, staging, log_metrics, resources, work_dir)
+        if item.step.train is not None:
+            return run_training_step(item, attempt, log_metrics, storage.root)
+        return run_data_step(item, attempt, log_metrics, resources)
     except BaseException as error:
-        full = out_of_space(error, staging)
-        if not training and not nodes:  # a training step keeps its checkpoints for the next attempt
-            shutil.rmtree(staging, ignore_errors=True)
+        full = out_of_space(error, storage.disk_of(item))
         record_failure(tracker, run_id, error)
         if full:
-            raise DiskFull(f"{item.step.name}: no space left on the device of {staging.parent.parent} "
+            raise DiskFull(f"{item.step.name}: no space left on the device of {storage.root} "
                            f"({type(error).__name__}: {error_line(error)}); free some space and rerun: finished "
                            f"steps are kept, and nothing of {item.step.name} was taken as a result") from error
         raise
-    manifest = artifacts.publish(staging, item.out_dir, finished(base, inputs, metrics, node_ids))
-    shutil.rmtree(work_dir, ignore_errors=True)  # a data step's finished work units (a training step's moved)
-    if training:
-        artifacts.remove_train_runs(root, item.step.base, item.fingerprint)  # kept when an attempt fails
-    return manifest
 
 
 def root_error(exc: BaseException) -> BaseException:

@@ -22,6 +22,14 @@ def print_plan(planned: list[dag.PlannedStep]) -> None:
         print(f"  {item.step.name:<{width}} {item.status:<6} {item.fingerprint}  {item.reason}", flush=True)
 
 
+def print_precision(chosen: dict) -> None:
+    """What `precision: auto` became for each training section, and why (tasks/precision.py)."""
+    for reason in sorted({c.reason for c in chosen.values()}):
+        keys = ", ".join(k for k, c in chosen.items() if c.reason == reason)
+        print(f"precision: {next(c.precision for c in chosen.values() if c.reason == reason)} for {keys} ({reason})",
+              flush=True)
+
+
 def format_metric(step: str, metrics: dict) -> str:
     keys = executor.KEY_METRIC.get(step.split(".")[0], ())
     key = next((k for k in ((keys,) if isinstance(keys, str) else keys) if k in metrics), None)

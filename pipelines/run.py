@@ -16,22 +16,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import HYDRA_MADE, Config, register_configs, usable_folder
-from pipelines import artifacts, dag, executor, locks, report, stopping, store, tracking
+from conf.schema import HYDRA_MADE, Config, register_configs
+from pipelines import artifacts, dag, executor, locks, report, serving_models, stopping, storage, tracking
 from pipelines.redaction import redact, redact_override, redact_text
 from pipelines.validate import check_composed, validate
+from tasks import precision
 from tasks.common import UserError, write_json
 
 register_configs()
-
-
-def roots(cfg: Config) -> tuple[Path, store.Store | None, executor.NodeRoots | None]:
-    """The local root, the step store, and, when paths.root is a URI (the store is then the root and
-    each node keeps its own working copy), how nodes find theirs."""
-    if not store.is_uri(cfg.paths.root):
-        return Path(cfg.paths.root).resolve(), store.open_store(cfg.paths.store), None
-    root = store.cache_root(cfg.paths.cache)
-    return root, store.open_store(cfg.paths.root, "paths.root"), executor.NodeRoots(cfg.paths.root, cfg.paths.cache, root)
 
 
 def live_path(root: Path, run_id: str) -> Path:
@@ -42,12 +34,14 @@ def live_path(root: Path, run_id: str) -> Path:
 def run_pipeline(cfg: Config, resolved_yaml: str, on_valid=lambda: None) -> dict:
     """on_valid(): called once the config and inputs passed their checks, before anything is made."""
     validate(cfg)  # first: a bad paths.root must not be created
-    if not store.is_uri(cfg.paths.root) and not usable_folder(cfg.paths.root):
-        raise UserError(f"paths.root: '{cfg.paths.root}' is not writable here; give a folder this user can write to")
+    storage.check_root(cfg.paths)
+    cfg, chosen = precision.resolve(cfg)  # before planning: the fingerprint holds the precision trained in
     on_valid()
-    root, step_store, nodes = roots(cfg)
+    report.print_precision(chosen)
+    steps_storage = storage.open_storage(cfg.paths)  # where results live: shared root, step store, object store
+    root = steps_storage.root
     root.mkdir(parents=True, exist_ok=True)
-    planned = dag.plan(cfg, root, store=step_store)
+    planned = dag.plan(cfg, root, store=steps_storage.step_store)
     report.print_plan(planned)
     if cfg.dry_run:
         return {"plan": [{"step": p.step.name, "status": p.status, "reason": p.reason} for p in planned]}
@@ -58,11 +52,12 @@ def run_pipeline(cfg: Config, resolved_yaml: str, on_valid=lambda: None) -> dict
     try:
         if resources:
             executor.check_resources(planned, resources, executor.autoscaler_ceiling())
-        run_id = tracker.start(run_name(cfg, planned), dataclasses.asdict(cfg), run_tags(cfg))
+        run_id = tracker.start(run_name(cfg, planned), dataclasses.asdict(cfg),
+                               run_tags(cfg) | {f"lmforge.precision.{key}": c.reason for key, c in chosen.items()})
         tracker.log_text(run_id, resolved_yaml, "config.yaml")
         with locks.step_lock(live_path(root, run_id), say=print):
-            results = execute(planned, root, tracker, run_id, resources, step_store, nodes)
-            return record_run(cfg, tracker, run_id, planned, results, root, step_store, nodes)
+            results = execute(planned, steps_storage, tracker, run_id, resources)
+            return record_run(cfg, tracker, run_id, planned, results, steps_storage)
     finally:
         executor.stop_ray()
 
@@ -84,12 +79,12 @@ def run_tags(cfg: Config) -> dict:
     return tags
 
 
-def execute(planned: list[dag.PlannedStep], root: Path, tracker: tracking.Tracker, run_id: str, resources: dict,
-            step_store: store.Store | None, nodes: executor.NodeRoots | None) -> list[executor.StepResult]:
+def execute(planned: list[dag.PlannedStep], steps_storage: storage.Storage, tracker: tracking.Tracker, run_id: str,
+            resources: dict) -> list[executor.StepResult]:
     """The steps, run; a failure is recorded on the parent run (its one-line reason, FAILED or KILLED)."""
     try:
         with stopping.STOP:
-            return executor.execute(planned, root, tracker, resources, step_store, nodes)
+            return executor.execute(planned, steps_storage, tracker, resources)
     except BaseException as error:
         executor.record_failure(tracker, run_id, error)
         with contextlib.suppress(Exception):  # reporting must not hide the error either
@@ -98,10 +93,9 @@ def execute(planned: list[dag.PlannedStep], root: Path, tracker: tracking.Tracke
 
 
 def record_run(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: list[dag.PlannedStep],
-               results: list[executor.StepResult], root: Path, step_store: store.Store | None,
-               nodes: executor.NodeRoots | None) -> dict:
+               results: list[executor.StepResult], steps_storage: storage.Storage) -> dict:
     """The run summary (runs/<run id>.json), the parent run's review material and registered models."""
-    uri = tracker.uri
+    uri, root = tracker.uri, steps_storage.root
     summary = {
         "run_id": run_id, "experiment": cfg.experiment_name, "tracking_uri": redact_text(uri), "root": str(root),
         "steps": [dataclasses.asdict(r) for r in results],
@@ -112,17 +106,14 @@ def record_run(cfg: Config, tracker: tracking.Tracker, run_id: str, planned: lis
     tracker.log_artifacts(run_id, [summary_path])
 
     def local_dir(result: executor.StepResult) -> Path:
-        if not nodes:
-            return Path(result.out_dir)
-        base = result.name.split(".")[0]  # the steps are in the store: what is registered is fetched here first
-        return store.fetch_steps(step_store, root, {base: result.fingerprint})[base]
+        """What is registered, here (fetched first where the steps are in the store)."""
+        return steps_storage.local_step(result.name.split(".")[0], result.fingerprint)
 
     summary["registered_models"] = report.track_results(cfg, tracker, run_id, planned, results, local_dir)
     tracker.end(run_id)
     summary["tracking"] = tracker.finish()
     write_json(summary_path, summary)
-    if nodes:  # where `pipelines.status --root <the URI>` finds it
-        step_store.put_json(f"runs/{run_id}.json", summary)
+    steps_storage.keep_summary(run_id, summary)
     report.print_summary(results, run_id, uri, summary_path)
     report.report_tracking(summary["tracking"], uri)
     return summary
@@ -168,7 +159,9 @@ def main(dict_cfg: DictConfig) -> None:
             check_composed(dict_cfg, HydraConfig.get().runtime.choices)
             cfg: Config = OmegaConf.to_object(dict_cfg)
             resolved = redact(OmegaConf.to_container(dict_cfg, resolve=True))
-            run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), on_valid=lambda: write_run_record(dict_cfg))
+            summary = run_pipeline(cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)),
+                                   on_valid=lambda: write_run_record(dict_cfg))
+            serving_models.after_run(cfg, summary)  # the serve command, or with serve.enabled the server
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; rerun to continue", file=sys.stderr)
         sys.exit(130)

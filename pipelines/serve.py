@@ -18,6 +18,10 @@ lock that keeps the adapter choice and the forward pass together. A client that 
 Errors are OpenAI's JSON error objects: unknown model 404; a malformed body, an unsupported option,
 a prompt longer than the context or a max_tokens beyond it 400; a missing or wrong key (with
 --api-key or $LMFORGE_API_KEY) 401; a failed generation 500, which the replica survives.
+--root may be an object store (s3://..., file:///...): each replica fetches the run's steps onto its
+node (pipelines/serving_models.py: fetched). `build_app` makes the same application from a Ray Serve
+config file (cluster/serve-config.yaml, cluster/kuberay/rayservice.yaml), and `pipelines.run` prints
+this command for the run it finished, or with serve.enabled=true runs it (serving_models.after_run).
 docs/serving.md has the details and the GPU route (Ray Serve LLM with vLLM).
 """
 
@@ -36,6 +40,7 @@ from ray import serve
 
 from pipelines import openai_api, serving_models
 from pipelines.openai_api import ApiError, Job
+from pipelines.serving_models import StoreSource
 from tasks.common import UserError
 from tasks.generation import Decoder, LoadedModel, ModelSpec, TextStream, load_models
 
@@ -70,11 +75,12 @@ def error_response(error: ApiError) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=5)
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, specs: list[ModelSpec], api_key: str | None, num_threads: int, max_batch_size: int):
+    def __init__(self, specs: list[ModelSpec], source: StoreSource | None, api_key: str | None, num_threads: int,
+                 max_batch_size: int):
         import torch
 
         torch.set_num_threads(num_threads)
-        self.models: dict[str, LoadedModel] = load_models(specs)
+        self.models: dict[str, LoadedModel] = load_models(serving_models.fetched(specs, source))
         self.api_key = api_key
         self.lock = threading.Lock()  # one forward pass at a time: the adapter it selected stays selected
         self.decode.set_max_batch_size(max_batch_size)
@@ -203,14 +209,35 @@ def parser() -> argparse.ArgumentParser:
     return parse
 
 
-def served_specs(args: argparse.Namespace) -> list[ModelSpec]:
-    summary, specs, skipped = serving_models.selected_models(args)
+def served_specs(args: argparse.Namespace) -> tuple[list[ModelSpec], StoreSource | None]:
+    """The models to serve, and for an object-store root what each replica fetches onto its node."""
+    if args.max_batch_size < 1 or args.num_cpus < 1:
+        raise UserError("--max-batch-size and --num-cpus: give 1 or more")
+    summary, specs, skipped, source = serving_models.selected_models(args)
     for step, reason in skipped.items():
         print(f"not served: {step}, {reason}", file=sys.stderr)
-    return specs
+    return specs, source
 
 
-def start(args: argparse.Namespace, specs: list[ModelSpec]) -> None:
+def application(args: argparse.Namespace, specs: list[ModelSpec], source: StoreSource | None) -> serve.Application:
+    return OpenAIServer.options(ray_actor_options={"num_cpus": args.num_cpus}).bind(
+        specs, source, args.api_key, args.num_cpus, args.max_batch_size)
+
+
+def build_app(config: dict) -> serve.Application:
+    """The application of a Serve config file (`import_path: pipelines.serve:build_app`, `serve run` /
+    `serve deploy` / a RayService; cluster/serve-config.yaml). Its `args` are this command's options
+    without the dashes: root, run_id or experiment or model_dir, num_cpus, max_batch_size, api_key
+    (default $LMFORGE_API_KEY where the application is built); host and port are the config's http_options."""
+    options = {action.dest for action in parser()._actions} - {"help", "host", "port", "address"}
+    unknown = sorted(set(config) - options)
+    if unknown:
+        raise UserError(f"args: unknown {', '.join(unknown)}; give {', '.join(sorted(options))}")
+    args = parser().parse_args([f"--{key.replace('_', '-')}={value}" for key, value in config.items()])
+    return application(args, *served_specs(args))
+
+
+def start(args: argparse.Namespace, specs: list[ModelSpec], source: StoreSource | None) -> None:
     """Ray (embedded, loopback only, unless --address), Serve's proxy on --host:--port, the app."""
     import logging
 
@@ -225,23 +252,20 @@ def start(args: argparse.Namespace, specs: list[ModelSpec]) -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
-    app = OpenAIServer.options(ray_actor_options={"num_cpus": args.num_cpus}).bind(
-        specs, args.api_key, args.num_cpus, args.max_batch_size)
-    serve.run(app, name="lmforge", route_prefix="/", logging_config={"log_level": "WARNING"})
+    serve.run(application(args, specs, source), name="lmforge", route_prefix="/",
+              logging_config={"log_level": "WARNING"})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.max_batch_size < 1 or args.num_cpus < 1:
-            raise UserError("--max-batch-size and --num-cpus: give 1 or more")
-        specs = served_specs(args)
+        specs, source = served_specs(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as Ctrl-C does: Serve and Ray shut down
     try:
-        start(args, specs)
+        start(args, specs, source)
         print(f"serving {', '.join(s.id for s in specs)} at http://{args.host}:{args.port}/v1"
               f"{' (API key required)' if args.api_key else ''}; Ctrl-C stops", flush=True)
         while True:

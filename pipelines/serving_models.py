@@ -1,6 +1,8 @@
 """Which models a finished pipeline run offers for generation, read from the artifact root: the
-run summaries (`<root>/runs/<run id>.json`) and the published steps' directories and manifests.
-Shared by `pipelines.chat` and `pipelines.serve`.
+run summaries (`<root>/runs/<run id>.json`) and the published steps' manifests and directories.
+Shared by `pipelines.chat` and `pipelines.serve`. The root is a local folder, or an object store
+(s3://..., gs://..., file:///...: paths.root of a run whose nodes share only the store), whose
+steps are read from their manifests and fetched onto the node that loads them (`fetched`).
 
 A run offers its pretrained model (id `pretrain`) and each fine-tuned branch by its step name
 (`finetune` for one branch, `finetune.<branch>` for an experiment with `finetunes:`): a LoRA
@@ -8,17 +10,20 @@ adapter on the run's pretrained model, or a full model (`model/`, and `merged/` 
 random initialisation, whose base weights were never saved). A classification head cannot
 generate, nor can prefix tuning's adapters be served here; both are listed as skipped with the reason.
 
-    summary = find_run(root, run_id=None, experiment=None)    # default: the newest finished run
-    specs, skipped = run_models(root, summary)
+    summary, specs, skipped, source = selected_models(args)   # --root/--run-id/--experiment/--model-dir
+    specs = fetched(specs, source)                             # where they are loaded (a no-op for a local root)
     spec = pick_branch(specs, skipped, branch, summary)        # for the terminal chat
-    spec = directory_model(path)                              # a model or adapter directory
+    after_run(cfg, summary)                                    # pipelines.run: the serve command, or serving
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import artifacts, status
+from pipelines import artifacts, status, store
 from tasks.common import UserError
 from tasks.generation import ModelSpec
 from tasks.models import OBJECTIVE_FILE, saved_config
@@ -26,82 +31,156 @@ from tasks.models import OBJECTIVE_FILE, saved_config
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 
 
-def local_root(root: str) -> Path:
-    """--root as a local folder of runs (chat and serving load weights from disk)."""
-    if "://" in root:
-        raise UserError(f"--root {root}: chat and serve read a local folder of runs; copy the run's steps "
-                        f"here first (python -m pipelines.store) or give --model-dir")
+class PublishedSteps:
+    """The published steps under a root: a local folder, or with `step_store` an object store whose
+    steps are judged by their manifests (which list every file) without downloading weights."""
+
+    def __init__(self, root: Path, step_store: store.Store | None = None):
+        self.root, self.store, self.manifests = root, step_store, {}
+
+    def manifest(self, step: str, fingerprint: str) -> dict | None:
+        if (step, fingerprint) not in self.manifests:
+            self.manifests[step, fingerprint] = (
+                self.store.manifest(step, fingerprint) if self.store
+                else artifacts.read_manifest(artifacts.step_dir(self.root, step, fingerprint)))
+        return self.manifests[step, fingerprint]
+
+    def has(self, step: str, fingerprint: str, name: str) -> bool:
+        """Whether the step holds the file or folder `name`."""
+        if self.store is None:
+            return (artifacts.step_dir(self.root, step, fingerprint) / name).exists()
+        files = (self.manifest(step, fingerprint) or {}).get("files", {})
+        return name in files or any(f.startswith(f"{name}/") for f in files)
+
+    def read_json(self, step: str, fingerprint: str, name: str) -> dict:
+        if self.store is not None:
+            return self.store.get_json(f"{step}/{fingerprint}/{name}") or {}
+        path = artifacts.step_dir(self.root, step, fingerprint) / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def where(self, step: str, fingerprint: str) -> str:
+        if self.store is not None:
+            return self.store.location(step, fingerprint)
+        return str(artifacts.step_dir(self.root, step, fingerprint))
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """A run whose root is an object store: its steps, downloaded on the node that loads the models."""
+
+    uri: str
+    driver_root: str
+    """The working copy the specs' paths were made under (the selecting machine's)."""
+    steps: tuple[tuple[str, str], ...]
+    """(step, fingerprint) of every directory the specs name."""
+
+
+def open_root(root: str) -> PublishedSteps:
+    """--root as published steps: a local folder of runs, or an object store (its working copy here
+    is $LMFORGE_CACHE, else <temp dir>/lmforge-cache, as for the pipeline)."""
+    if store.is_uri(root):
+        return PublishedSteps(store.cache_root(""), store.open_store(root, "--root"))
     path = Path(root).resolve()
     if not path.is_dir():
         raise UserError(f"--root {path} is not a folder of runs (no such folder); give the paths.root your runs "
                         f"used, or set $LMFORGE_ROOT")
-    return path
+    return PublishedSteps(path)
 
 
-def find_run(root: Path, run_id: str | None = None, experiment: str | None = None) -> dict:
+def find_run(steps: PublishedSteps, run_id: str | None = None, experiment: str | None = None) -> dict:
     """A finished run's summary: the one named, else the newest (of `experiment`, when given)."""
-    summaries = status.load_summaries(root)
+    summaries = status.load_summaries(steps.root) if steps.store is None else {  # the store's runs only: a
+        s.get("run_id", ""): {**s, "written_at": at} for s, at in steps.store.summaries()}  # cache may serve several
+    where = steps.store.uri if steps.store else steps.root
     if run_id:
         if run_id not in summaries:
-            raise UserError(f"--run-id {run_id}: no finished run with that id under {root} "
-                            f"(python -m pipelines.status --root {root} lists them)")
+            raise UserError(f"--run-id {run_id}: no finished run with that id under {where} "
+                            f"(python -m pipelines.status --root {where} lists them)")
         return summaries[run_id]
     found = [s for s in summaries.values() if experiment is None or s.get("experiment") == experiment]
     if not found:
         which = f"of experiment '{experiment}' " if experiment else ""
         option = "--experiment" if experiment else "--root"
-        raise UserError(f"{option}: no finished run {which}under {root}; run `python -m pipelines.run "
+        raise UserError(f"{option}: no finished run {which}under {where}; run `python -m pipelines.run "
                         f"+experiment=NAME` first, or give another {option}")
     return max(found, key=lambda s: s["written_at"])
 
 
-def run_models(root: Path, summary: dict) -> tuple[list[ModelSpec], dict[str, str]]:
+def run_models(steps: PublishedSteps, summary: dict) -> tuple[list[ModelSpec], dict[str, str]]:
     """The run's models that can generate, and {step name: why not} for its fine-tuned ones that cannot."""
-    steps = {s["name"]: s for s in summary["steps"]}
-    if PRETRAIN not in steps:
+    by_name = {s["name"]: s for s in summary["steps"]}
+    if PRETRAIN not in by_name:
         raise UserError(f"--run-id {summary['run_id']}: this run has no pretrain step, so no model; choose another run")
-    run_id = summary["run_id"]
-    pretrain_dir = artifacts.step_dir(root, PRETRAIN, steps[PRETRAIN]["fingerprint"]) / "model"
-    specs = [ModelSpec(PRETRAIN, pretrain_dir, None, run_id, PRETRAIN, steps[PRETRAIN]["fingerprint"], chat=False)]
+    run_id, pretrain_fp = summary["run_id"], by_name[PRETRAIN]["fingerprint"]
+    pretrain_dir = artifacts.step_dir(steps.root, PRETRAIN, pretrain_fp) / "model"
+    specs = [ModelSpec(PRETRAIN, pretrain_dir, None, run_id, PRETRAIN, pretrain_fp, chat=False)]
     skipped = {}
-    for name, step in steps.items():
+    for name, step in by_name.items():
         if name.split(".")[0] != FINETUNE:
             continue
-        spec_or_reason = finetune_model(root, name, step["fingerprint"], run_id)
+        spec_or_reason = finetune_model(steps, name, step["fingerprint"], run_id)
         if isinstance(spec_or_reason, str):
             skipped[name] = spec_or_reason
         else:
             specs.append(spec_or_reason)
-    missing = [s for s in specs if not s.path.is_dir()]
+    missing = [s for s in specs if not steps.has(*step_of(steps.root, s.path))]
     if missing:
-        raise UserError(f"--run-id {run_id}: the model of step {missing[0].step} is missing ({missing[0].path}); "
-                        f"was it removed by pipelines.gc? Rerun the experiment or choose another run")
+        raise UserError(f"--run-id {run_id}: the model of step {missing[0].step} is missing "
+                        f"({steps.where(*step_of(steps.root, missing[0].path)[:2])}); was it removed by "
+                        f"pipelines.gc? Rerun the experiment or choose another run")
     return specs, skipped
 
 
-def finetune_model(root: Path, name: str, fingerprint: str, run_id: str) -> ModelSpec | str:
+def step_of(root: Path, path: Path) -> tuple[str, str, str]:
+    """(step, fingerprint, folder) of a model directory below the root."""
+    step, fingerprint, folder = Path(path).relative_to(root).parts[:3]
+    return step, fingerprint, folder
+
+
+def finetune_model(steps: PublishedSteps, name: str, fingerprint: str, run_id: str) -> ModelSpec | str:
     """A finetune step's model as a ModelSpec, or why it cannot generate."""
-    step_dir = artifacts.step_dir(root, FINETUNE, fingerprint)
-    manifest = artifacts.read_manifest(step_dir) or {}
+    step_dir = artifacts.step_dir(steps.root, FINETUNE, fingerprint)
+    manifest = steps.manifest(FINETUNE, fingerprint) or {}
     config = manifest.get("config", {})
     finetune, task = config.get("finetune", {}), config.get("task", {})
-    objective = json.loads((step_dir / OBJECTIVE_FILE).read_text()) if (step_dir / OBJECTIVE_FILE).exists() else {}
-    if objective.get("objective") == "classifier":
+    if steps.read_json(FINETUNE, fingerprint, OBJECTIVE_FILE).get("objective") == "classifier":
         return "a classifier (classification head): it scores labels and cannot generate text"
     chat = task.get("kind") == "chat"
     make = lambda path, base=None: ModelSpec(name, path, base, run_id, name, fingerprint, chat)
-    if (step_dir / "model").is_dir():
+    has = lambda folder: steps.has(FINETUNE, fingerprint, folder)
+    if has("model"):
         return make(step_dir / "model")
     if finetune.get("method") == "prefix":
         return "prefix tuning: its trained KV prefix is not served here (load it with PeftModel and generate)"
-    if not (step_dir / "adapter").is_dir():
-        return f"incomplete: {step_dir} has neither model/ nor adapter/"
+    if not has("adapter"):
+        return f"incomplete: {steps.where(FINETUNE, fingerprint)} has neither model/ nor adapter/"
     if finetune.get("init") == "random":  # the adapter's base is a random initialisation that was never saved
         return make(step_dir / "merged")
     base_fingerprint = manifest.get("upstream", {}).get(PRETRAIN)
     if not base_fingerprint:
-        return f"its manifest ({step_dir}) names no pretrain step to apply the adapter to"
-    return make(step_dir / "adapter", artifacts.step_dir(root, PRETRAIN, base_fingerprint) / "model")
+        return f"its manifest ({steps.where(FINETUNE, fingerprint)}) names no pretrain step to apply the adapter to"
+    return make(step_dir / "adapter", artifacts.step_dir(steps.root, PRETRAIN, base_fingerprint) / "model")
+
+
+def store_source(steps: PublishedSteps, specs: list[ModelSpec]) -> StoreSource | None:
+    """What a node must fetch to load the specs (None: the root is a local folder, nothing to fetch)."""
+    if steps.store is None:
+        return None
+    paths = [p for s in specs for p in (s.path, s.base_path) if p is not None]
+    wanted = sorted({step_of(steps.root, p)[:2] for p in paths})
+    return StoreSource(steps.store.uri, str(steps.root), tuple(wanted))
+
+
+def fetched(specs: list[ModelSpec], source: StoreSource | None, say=print) -> list[ModelSpec]:
+    """The specs as directories on this node: for an object-store root, their steps downloaded into this
+    node's working copy (unless it holds them already, checked against the stored manifests)."""
+    if source is None:
+        return specs
+    step_store, node_root = store.open_store(source.uri, "--root"), store.cache_root("")
+    for step, fingerprint in source.steps:
+        store.fetch_steps(step_store, node_root, {step: fingerprint}, say)
+    here = lambda path: path and node_root / Path(path).relative_to(source.driver_root)
+    return [dataclasses.replace(s, path=here(s.path), base_path=here(s.base_path)) for s in specs]
 
 
 def pick_branch(specs: list[ModelSpec], skipped: dict[str, str], branch: str | None, summary: dict) -> ModelSpec:
@@ -161,10 +240,55 @@ def add_selection_arguments(parser) -> None:
     which.add_argument("--model-dir", type=Path, help="a model or LoRA adapter directory instead of a run")
 
 
-def selected_models(args) -> tuple[dict | None, list[ModelSpec], dict[str, str]]:
-    """(run summary or None, the models that can generate, {step: why not} for those that cannot)."""
+def selected_models(args) -> tuple[dict | None, list[ModelSpec], dict[str, str], StoreSource | None]:
+    """(run summary or None, the models that can generate, {step: why not} for those that cannot, and
+    for an object-store root what to fetch where they are loaded: `fetched(specs, source)`)."""
     if args.model_dir is not None:
-        return None, [directory_model(args.model_dir)], {}
-    root = local_root(args.root)
-    summary = find_run(root, args.run_id, args.experiment)
-    return summary, *run_models(root, summary)
+        return None, [directory_model(args.model_dir)], {}, None
+    steps = open_root(args.root)
+    summary = find_run(steps, args.run_id, args.experiment)
+    specs, skipped = run_models(steps, summary)
+    return summary, specs, skipped, store_source(steps, specs)
+
+
+def serve_arguments(cfg, summary: dict) -> list[str]:
+    """`python -m pipelines.serve`'s arguments for a finished run of `cfg` (a conf.schema.Config): its
+    root as the run gave it (an object-store URI stays one), its run id, and the `serve` section."""
+    root = cfg.paths.root if store.is_uri(cfg.paths.root) else str(Path(cfg.paths.root).resolve())
+    argv = ["--root", root, "--run-id", summary["run_id"], "--port", str(cfg.serve.port)]
+    if cfg.serve.host != "127.0.0.1":
+        argv += ["--host", cfg.serve.host]
+    if cfg.serve.num_cpus is not None:
+        argv += ["--num-cpus", str(cfg.serve.num_cpus)]
+    if cfg.serve.max_batch_size != 8:
+        argv += ["--max-batch-size", str(cfg.serve.max_batch_size)]
+    if cfg.ray.address:
+        argv += ["--address", cfg.ray.address]
+    return argv
+
+
+def after_run(cfg, summary: dict) -> None:
+    """After a run's summary (pipelines.run): the command that serves its models, or with
+    serve.enabled=true the server itself, until Ctrl-C. Nothing for a dry run or a run without a model."""
+    if cfg.dry_run or PRETRAIN not in {s["name"] for s in summary.get("steps", [])}:
+        return
+    argv = serve_arguments(cfg, summary)
+    command = f"python -m pipelines.serve {shlex.join(argv)}"
+    if not cfg.serve.enabled:
+        print(f"serve it with:     {command}")
+        return
+    if sweeping():
+        print(f"serve.enabled: a sweep (-m) goes on to its next run instead of serving; serve this one with: {command}")
+        return
+    from pipelines import serve  # Ray Serve and FastAPI are imported only when a run serves
+
+    code = serve.main(argv)
+    if code:
+        raise SystemExit(code)  # serve printed its one-line error
+
+
+def sweeping() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

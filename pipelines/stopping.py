@@ -1,21 +1,14 @@
 """How a run stops early and keeps what it finished: SIGTERM (a preemption) or SIGINT (Ctrl-C) asks a running
-training step to checkpoint and return (`STOP`, `Preempted`), through a file in the step's
-directory (`fit_here`) or, where nodes share no directory, an object in the store
-(`fit_on_nodes`, `watch_stop_request`); a step that fails on a full disk is reported as such
-(`DiskFull`, `out_of_space`). Used by executor.py and run.py; it gets the Ray Train trainer from
-executor.py and knows no Ray itself.
+training step to checkpoint and return (`STOP`, `Preempted`), through the step's stop channel
+(pipelines/storage.py: a file in the step's directory, or an object in the store); a step that fails
+on a full disk is reported as such (`DiskFull`, `out_of_space`). Used by executor.py and run.py; it
+gets the Ray Train trainer from executor.py and knows no Ray itself.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import time
 from pathlib import Path
-
-from pipelines import artifacts
-from tasks.training import OWNER_FILE, STOP_FILE
 
 STOP_GRACE_SECONDS = 300  # after SIGTERM or SIGINT, the longest wait for a training step's checkpoint
 
@@ -78,6 +71,14 @@ class StopRequest:
         for name, handler in self.previous.items():
             signal.signal(getattr(signal, name), handler)
 
+    def while_training(self, request_stop, train):
+        """train(), during which a stop signal calls request_stop() (the training step's stop channel)."""
+        self.on_stop = request_stop
+        try:
+            return train()
+        finally:
+            self.on_stop = None
+
     def handle(self, signum, _frame):
         import signal
         import sys
@@ -125,63 +126,3 @@ def fit_off_main_thread(trainer):
 
 
 STOP = StopRequest()
-
-
-def fit_here(trainer, out_dir: Path, token: str) -> dict:
-    """Train with the step's directory on a root every node sees; what rank 0 reported."""
-    metrics_path = out_dir / artifacts.TRAIN_METRICS
-    reported = artifacts.finished_training(out_dir)  # its driver was killed after training, before publishing
-    if reported is None:
-        (out_dir / STOP_FILE).unlink(missing_ok=True)  # a request of an earlier, stopped attempt
-        # Workers of an attempt whose driver was killed may still run for a few seconds: the
-        # owner file tells them they were replaced (tasks/training.py), so they stop writing.
-        (out_dir / OWNER_FILE).write_text(token)
-        STOP.on_stop = (out_dir / STOP_FILE).touch
-        try:
-            fit_off_main_thread(trainer)
-        finally:
-            STOP.on_stop = None
-        (out_dir / STOP_FILE).unlink(missing_ok=True)
-        reported = json.loads(metrics_path.read_text())
-    (out_dir / OWNER_FILE).unlink(missing_ok=True)
-    metrics_path.unlink()
-    return reported
-
-
-def fit_on_nodes(trainer, store, stop_name: str, outcome_name: str) -> dict:
-    """Train where the nodes share only the store: a stop request and rank 0's report go through it."""
-    for name in (stop_name, outcome_name):  # left by an earlier, stopped attempt
-        store.delete(name)
-    STOP.on_stop = lambda: store.put_json(stop_name, {"requested_at": time.time()})
-    try:
-        fit_off_main_thread(trainer)
-    finally:
-        STOP.on_stop = None
-    reported = store.get_json(outcome_name)
-    for name in (stop_name, outcome_name):
-        store.delete(name)
-    if reported is None:
-        raise RuntimeError(f"training ended without rank 0's report ({store.uri}/{outcome_name})")
-    if "stopped_at_step" not in reported["metrics"]:  # published: its checkpoints are no longer needed
-        store.delete_dir(outcome_name.rsplit("/", 1)[0])
-    return reported
-
-
-STOP_POLL_S = 1.0  # one small read of the store per second
-
-
-def watch_stop_request(store, stop_name: str, stop_file: Path):
-    """Rank 0 mirrors the driver's stop request from the store into its own directory; the ranks
-    agree on it through the all-reduce they already do (tasks/training.py). Returns the watch's end."""
-    import threading
-
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(STOP_POLL_S):
-            if store.get_json(stop_name) is not None:
-                with contextlib.suppress(OSError):  # the step may have just finished
-                    stop_file.touch()
-
-    threading.Thread(target=watch, name="stop request", daemon=True).start()
-    return done.set

@@ -6,7 +6,8 @@
   them instead of computing them again; the store outlives the cluster.
 - `paths.root` itself a URI: the store is the only place the nodes share. Each node keeps its own
   working copy (`cache_root`): a step fetches its inputs from the store onto the node it runs on
-  (`fetch_steps`), writes there, and uploads its result (executor.py).
+  (`fetch_steps`), writes there, and uploads its result (`publish`); what must outlive the node goes
+  through `NodeMirror`. pipelines/storage.py decides which of these a run uses.
 
 The layout is the local one: `<store>/<step>/<fingerprint>/`. Uploads put every file first and
 the manifest last: object stores write single objects atomically, so a step without its manifest
@@ -18,9 +19,9 @@ sizes and SHA-256 before they are renamed into place.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines import artifacts
 from conf.schema import cache_dir
-from tasks.common import UserError, files_problem, write_atomic, write_json
+from pipelines import artifacts, locks
+from tasks.common import UserError, files_problem, filesystem, first_line, write_atomic, write_json
 
 BLOCK = 1 << 20
 
@@ -164,10 +165,10 @@ def open_store(uri: str, key: str = "paths.store") -> Store | None:
     if not is_uri(uri):
         raise UserError(f"{key}: '{uri}' is not a URI (s3://bucket/prefix, gs://..., file:///abs/path)")
     try:
-        fs, base = pafs.FileSystem.from_uri(uri)
+        fs, base = filesystem(uri)
         fs.get_file_info(base)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UserError(f"{key}: cannot use {uri} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{key}: cannot use {uri} ({first_line(exc)})") from None
     return Store(uri, fs, base)
 
 
@@ -175,8 +176,6 @@ def fetch_steps(store: Store, root: Path, wanted: dict[str, str], say=print) -> 
     """Each wanted step (name -> fingerprint) as a directory under this node's `root`, downloaded
     from the store unless the node already holds the stored version. Under the step's lock on this
     node: the ranks of a training job that share a node download once."""
-    from pipelines import locks  # the store module is imported by node-side code that needs no locks otherwise
-
     found = {}
     for step, fingerprint in wanted.items():
         directory = artifacts.step_dir(root, step, fingerprint)
@@ -204,21 +203,6 @@ def publish(staging: Path, root: Path, store: Store, manifest: dict) -> dict:
     return manifest
 
 
-def relocate(section, driver_root: Path, root: Path, store: Store, say=print):
-    """An ensemble's member directories, planned under the driver's working copy, as directories
-    on this node (fetched from the store)."""
-    if not getattr(section, "member_dirs", None):
-        return section
-
-    def here(path: str) -> str:
-        step, fingerprint = Path(path).relative_to(driver_root).parts[:2]
-        return str(fetch_steps(store, root, {step: fingerprint}, say)[step])
-
-    return dataclasses.replace(section, member_dirs={k: here(v) for k, v in section.member_dirs.items()},
-                               member_inputs={k: {dep: here(p) for dep, p in v.items()}
-                                              for k, v in section.member_inputs.items()})
-
-
 def _skipped(parts, exclude: tuple[str, ...]) -> bool:
     """Dot-files (a launch's owner token, a stop request) and excluded sub-folders stay on the node."""
     return any(part.startswith(".") or part in exclude for part in parts)
@@ -237,6 +221,15 @@ class NodeMirror:
     (tasks/checkpoints.py calls it). A local path below `root` maps to the same place in the store."""
     store_uri: str
     root: str
+
+    def tends(self, rank: int) -> bool:
+        """Each node's first rank looks after the node's own copy."""
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def drop_unkept(self, path: Path, kept: list[str], pattern: str) -> None:
+        for local in Path(path).glob(pattern):
+            if local.name not in kept:
+                shutil.rmtree(local, ignore_errors=True)
 
     def _key(self, path: Path) -> str:
         store = root_store(self.store_uri)

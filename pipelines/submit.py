@@ -21,11 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from conf.compose import compose_dict
 from conf.schema import Config
 from pipelines import artifacts
 from pipelines.redaction import redact_text
-from pipelines.validate import validate
-from tasks.common import UserError
+from pipelines.validate import check_composed, validate
+from tasks.common import UserError, first_line
 
 REPO = Path(__file__).resolve().parent.parent
 PASSED_ENV = ("LMFORGE_ROOT", "LMFORGE_STORE", "MLFLOW_TRACKING_URI")
@@ -35,22 +38,9 @@ EXCLUDES = [".venv", ".git", "lmforge_runs", "outputs", "__pycache__", "*.egg-in
 
 
 def compose(overrides: list[str]) -> Config:
-    """The typed config, composed from conf/ the way `pipelines.run` composes it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from conf.schema import register_configs
-
-    from omegaconf import open_dict
-
-    from pipelines.validate import check_composed
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        composed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    choices = dict(composed.hydra.runtime.choices)
-    with open_dict(composed):
-        del composed["hydra"]
+    """The typed config, composed from conf/ the way `pipelines.run` composes it, with its checks of the
+    composed config (unknown keys, a switched method)."""
+    composed, choices = compose_dict(overrides)
     check_composed(composed, choices)
     return OmegaConf.to_object(composed)
 
@@ -113,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         if not address:
             raise UserError("ray.address: no cluster to submit to; set ray.address=http://HEAD:8265 or $RAY_ADDRESS")
     except Exception as error:  # a bad override or value: one line, nothing submitted
-        print(f"error: {redact_text(str(error).strip().splitlines()[0])}", file=sys.stderr)
+        print(f"error: {redact_text(first_line(error))}", file=sys.stderr)
         return 2
     shown = redact_text(address)
     try:
         client, job_id = submit(cfg, args.overrides, address)
     except Exception as error:  # unreachable cluster, refused token: one line
-        print(f"error: submitting to {shown}: {redact_text(str(error).strip().splitlines()[0])}", file=sys.stderr)
+        print(f"error: submitting to {shown}: {redact_text(first_line(error))}", file=sys.stderr)
         return 1
     print(f"submitted job {job_id} to {shown}", flush=True)
     print(f"  logs:   ray job logs --address {shown} --follow {job_id}", flush=True)

@@ -31,7 +31,7 @@ from pipelines import figures
 from pipelines.tracking_models import apply_log_model, apply_register, run_of
 from pipelines.journal import PENDING, Journal, pending_id
 from pipelines.redaction import redact, redact_text
-from tasks.common import UserError
+from tasks.common import UserError, first_line
 
 METRIC_BATCH = 200  # MLflow's log_batch takes at most 1000 metrics; keep requests small
 PARAM_BATCH = 100
@@ -250,9 +250,8 @@ class MetricLogger:
 
 
 def error_line(error: BaseException) -> str:
-    """An error's first line (at most 300 characters), secrets redacted: for one-line messages."""
-    lines = str(error).strip().splitlines()
-    return redact_text(lines[0][:300] if lines else type(error).__name__)
+    """An error's first line (tasks/common.py: first_line), secrets redacted: for one-line messages."""
+    return redact_text(first_line(error))
 
 
 class Tracker:

@@ -4,21 +4,22 @@ Each failure is one UserError whose message starts with the config key at fault.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import (Config, DataConfig, FinetuneConfig, ModelConfig, TokenizerConfig, TrainConfig, closest_key,
-                         unknown_keys, usable_folder)
+from conf.schema import (Bounds, Config, DataConfig, FinetuneConfig, ModelConfig, TokenizerConfig, TrainConfig,
+                         closest_key, unknown_keys, usable_folder)
 from pipelines import dag
 from pipelines.memory import GiB, num_adapter_parameters, training_memory, worker_memory
 from tasks import augment, earlystop, finetune, taskdata, tokenizer_files
 from tasks.common import UserError
 from tasks.tokenize import special_tokens
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 ON_ERROR = ("raise", "skip")
 ON_NONFINITE = ("stop", "skip")
 ON_UNREACHABLE = ("fail", "journal")
@@ -48,61 +49,30 @@ def validate_train(key: str, cfg: TrainConfig) -> None:
           f"{key}.offload_optimizer: needs {key}.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO partitions)")
 
 
-# The smallest allowed value of every numeric setting, by field name (the same name means the
-# same thing in every section). Checked first, so later checks never divide by zero.
-LOWER_BOUNDS = {
-    "hidden_size": 1, "intermediate_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1,
-    "max_position_embeddings": 2, "rope_theta": 1, "vocab_size": 1, "min_frequency": 1, "train_sample_bytes": 1,
-    "seq_len": 2, "max_bytes": 0, "min_chars": 0, "docs_per_shard": 1, "shard_bytes": 0, "docs_per_task": 1, "zero_stage": 0,
-    "micro_batch_size": 1, "global_batch_size": 1, "max_steps": 1, "lr": 1e-12, "min_lr_ratio": 0,
-    "warmup_steps": 0, "weight_decay": 0, "grad_clip": 0, "eval_every": 1, "eval_batches": 1, "seed": 0,
-    "max_skipped_steps": 1, "log_every": 1, "checkpoint_every": 0, "max_failures": 0, "keep_checkpoints": 1,
-    "num_workers": 1, "cpus_per_worker": 1, "peak_tflops": 0, "r": 1, "alpha": 1, "dropout": 0,
-    "num_virtual_tokens": 1, "max_length": 2, "max_per_label": 1, "min_lines": 1, "max_chars": 1,
-    "test_fraction": 0, "val_fraction": 0, "max_examples": 1, "ppl_batches": 1, "num_samples": 0,
-    "sample_prompt_tokens": 1, "max_new_tokens": 1, "num_threads": 1, "num_cpus": 1,
-    "attention_dropout": 0, "hidden_dropout": 0, "label_smoothing": 0, "adversarial_epsilon": 0, "patience": 0,
-    "min_delta": 0, "copies": 0, "p_delete": 0, "p_swap": 0, "p_insert": 0, "p_synonym": 0, "rate": 0, "sparsity": 0,
-    "max_doc_chars": 1, "min_mean_word_length": 0, "max_mean_word_length": 0, "max_symbol_ratio": 0,
-    "max_digit_ratio": 0, "max_repeated_line_fraction": 0, "max_repeated_ngram_fraction": 0, "repeated_ngram_size": 1,
-    "shingle_size": 1, "num_perm": 1, "bands": 1, "band_rows": 1, "jaccard_threshold": 0, "examples_per_reason": 0,
-    "min_language_score": 0, "language_chars": 1, "ngram": 1, "num_tasks": 1, "text_chunk_chars": 0, "max_epochs": 0,
-    "bootstrap_resamples": 0, "tfidf_c": 1e-9, "ngram_order": 0, "replay_fraction": 0,
-}
-# Shares: below 1 (a dropout or sparsity of 1 leaves nothing) or at most 1 (probabilities and rates).
-BELOW_ONE = {"dropout", "attention_dropout", "hidden_dropout", "label_smoothing", "sparsity", "replay_fraction"}
-AT_MOST_ONE = {"p_delete", "p_swap", "p_insert", "p_synonym", "rate", "max_symbol_ratio", "max_digit_ratio",
-               "max_repeated_line_fraction", "max_repeated_ngram_fraction", "jaccard_threshold", "min_language_score"}
-# The largest sensible value of a setting, by field name, and why: beyond it a value is a typo or a unit
-# mistake, not a plan.
-UPPER_BOUNDS = {
-    "lr": (1.0, "a learning rate above 1 diverges; typical values 1e-4..1e-2"),
-    "max_steps": (10**7, "10M optimizer steps is months of training; large language models are pretrained in ~1e6"),
-    "max_epochs": (1000, "more passes than that memorise the training records; typical values 1..10"),
-    "micro_batch_size": (1024, "sequences per worker per forward pass; typical values 1..64, more through "
-                               "global_batch_size's gradient accumulation"),
-    "global_batch_size": (65536, "sequences per optimizer step; large language models use ~1e3"),
-}
 MAX_AUGMENTED_COPIES = 100
 
 
 def check_bounds(tree, prefix: str = "") -> None:
-    """Every numeric field of the config tree against LOWER_BOUNDS and UPPER_BOUNDS."""
-    import dataclasses
-
-    items = tree.items() if isinstance(tree, dict) else (
-        (f.name, getattr(tree, f.name)) for f in dataclasses.fields(tree)) if dataclasses.is_dataclass(tree) else ()
+    """Every numeric field of the config tree against the bounds declared on it (conf/schema.py: `bounded`)."""
+    fields = {f.name: f for f in dataclasses.fields(tree)} if dataclasses.is_dataclass(tree) else {}
+    items = tree.items() if isinstance(tree, dict) else ((name, getattr(tree, name)) for name in fields)
     for name, value in items:
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(value) or isinstance(value, dict):
             check_bounds(value, key + ".")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name in LOWER_BOUNDS:
-            check(value >= LOWER_BOUNDS[name], f"{key}: must be at least {LOWER_BOUNDS[name]:g}, got {value}")
-            check(name not in BELOW_ONE or value < 1, f"{key}: must be below 1, got {value}")
-            check(name not in AT_MOST_ONE or value <= 1, f"{key}: must be at most 1, got {value}")
-            if name in UPPER_BOUNDS:
-                bound, why = UPPER_BOUNDS[name]
-                check(value <= bound, f"{key}: must be at most {bound:g}, got {value:g} ({why})")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name in fields:
+            bounds = fields[name].metadata.get("bounds")
+            if bounds:
+                check_value(key, value, bounds)
+
+
+def check_value(key: str, value: float, bounds: Bounds) -> None:
+    check(value >= bounds.low, f"{key}: must be at least {bounds.low:g}, got {value}")
+    if bounds.below is not None:
+        check(value < bounds.below, f"{key}: must be below {bounds.below:g}, got {value}")
+    if bounds.at_most is not None:
+        got = f"{value:g} ({bounds.why})" if bounds.why else f"{value}"
+        check(value <= bounds.at_most, f"{key}: must be at most {bounds.at_most:g}, got {got}")
 
 
 def validate(cfg: Config) -> None:
@@ -259,8 +229,10 @@ def validate_task(cfg: Config) -> None:
         for warning in warnings:
             print(f"warning: task: {warning}", file=sys.stderr, flush=True)
     else:
-        check(task.builtin in ("stdlib_packages",), f"task.builtin: unknown data set '{task.builtin}' (known: stdlib_packages)")
-        check(task.kind == "classification", "task.kind: the 'stdlib_packages' data set is a classification task")
+        check(task.builtin in taskdata.BUILTIN_TASKS,
+              f"task.builtin: unknown data set '{task.builtin}' (known: {', '.join(taskdata.BUILTIN_TASKS)})")
+        kind = taskdata.BUILTIN_TASKS[task.builtin][0]
+        check(task.kind == kind, f"task.kind: the '{task.builtin}' data set is a {kind} task; set task.kind={kind}")
 
 
 def validate_techniques(key: str, cfg: FinetuneConfig, kind: str) -> None:

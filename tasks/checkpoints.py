@@ -8,6 +8,9 @@ allow-list of the plain types DeepSpeed stores, so a planted pickle cannot run c
 A checkpoint written by a different number of workers is first converted to DeepSpeed's
 universal format (per-parameter fp32 weights and optimizer state), which loads at any
 data-parallel degree.
+
+Where the nodes share no directory, the context's Mirror (tasks/common.py) keeps every checkpoint
+in the store: each node uploads its own ranks' shards, and a resumed attempt downloads them.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tasks.common import UserError, files_problem, record_files, write_json
-from tasks.training import all_reduce_sum
+from tasks.common import Mirror, UserError, files_problem, first_line, record_files, write_json
+from tasks.distributed import all_reduce_sum, barrier, rank_and_world
+from tasks.earlystop import FRESH_STATE
+from tasks.trainlog import TrainLog
 
 COMPLETE = "_complete.json"
 LATEST = "latest"
@@ -33,17 +38,8 @@ class UnsafeCheckpointError(UserError):
     """A checkpoint file holds objects outside the allow-list (it could run code when unpickled)."""
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def tag_name(step: int) -> str:
     return f"step{step:08d}"
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def gather_records(mine: dict) -> dict:
@@ -56,52 +52,46 @@ def gather_records(mine: dict) -> dict:
 
 
 def save(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, world: int, state: dict,
-         mirror=None) -> None:
+         mirror: Mirror) -> None:
     """All ranks write their shards (with `state` as client state); rank 0 records them, then
-    moves `latest` and prunes old tags. With a `mirror` (nodes that share no directory: the
-    store) each node uploads its shards and rank 0 its loss history and best weights before the
-    record, which lists every node's files, is written and uploaded."""
+    moves `latest` and prunes old tags. The mirror keeps the files for the next attempt: each node
+    uploads its shards, rank 0 its loss history and best weights, before the record (which lists
+    every node's files) is written and uploaded."""
     tag = tag_name(step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
                            client_state={**state, "step": step})
     barrier()
     tag_dir = checkpoint_dir / tag
-    if mirror is None:
-        files = record_files(tag_dir, skip=COMPLETE) if rank == 0 else {}
-    else:
-        files = gather_records(record_files(tag_dir, skip=COMPLETE) if local_rank() == 0 else {})
-        if local_rank() == 0:
-            mirror.upload(tag_dir, replace=False)
-        if rank == 0:
-            mirror.upload(checkpoint_dir.parent, exclude=(checkpoint_dir.name,))
-            if (checkpoint_dir / BEST).is_dir():
-                mirror.upload(checkpoint_dir / BEST)
-        barrier()
+    files = gather_records(record_files(tag_dir, skip=COMPLETE) if mirror.tends(rank) else {})
+    if mirror.tends(rank):
+        mirror.upload(tag_dir, replace=False)
+    if rank == 0:
+        mirror.upload(checkpoint_dir.parent, exclude=(checkpoint_dir.name,))
+        if (checkpoint_dir / BEST).is_dir():
+            mirror.upload(checkpoint_dir / BEST)
+    barrier()
     if rank == 0:
         write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
                                         "files": files})
         pointer = checkpoint_dir / f".{LATEST}.tmp"
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / LATEST)
-        if mirror is not None:
-            mirror.upload(tag_dir / COMPLETE)
-            for old in [t for t in mirror.folders(checkpoint_dir) if t.startswith("step")][:-keep]:
-                mirror.remove(checkpoint_dir / old)
-    if rank == 0 or (mirror is not None and local_rank() == 0):
+        mirror.upload(tag_dir / COMPLETE)
+        for old in [t for t in mirror.folders(checkpoint_dir) if t.startswith("step")][:-keep]:
+            mirror.remove(checkpoint_dir / old)
+    if mirror.tends(rank):
         for old in sorted(checkpoint_dir.glob("step*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
-def fetch(mirror, checkpoint_dir: Path) -> None:
-    """Before resuming where nodes share no directory, each node's copy is made the store's: local
-    checkpoints the store lacks (or holds unfinished) are dropped, the newest intact stored one is
-    downloaded, and so are the loss history and best weights. A replaced node starts from nothing."""
-    if local_rank() == 0:
+def fetch(mirror: Mirror, checkpoint_dir: Path, rank: int) -> None:
+    """Before resuming, each node's copy is made the kept one: local checkpoints the mirror lacks (or
+    holds unfinished) are dropped, the newest intact kept one is downloaded, and so are the loss
+    history and best weights. A replaced node starts from nothing; on a shared directory nothing moves."""
+    if mirror.tends(rank):
         stored = [t for t in mirror.folders(checkpoint_dir) if t.startswith("step") and mirror.has(checkpoint_dir / t / COMPLETE)]
-        for tag_dir in checkpoint_dir.glob("step*"):
-            if tag_dir.name not in stored:
-                shutil.rmtree(tag_dir, ignore_errors=True)
+        mirror.drop_unkept(checkpoint_dir, stored, "step*")
         mirror.download(checkpoint_dir.parent, exclude=(checkpoint_dir.name,))
         mirror.download(checkpoint_dir / BEST)
         for tag in reversed(stored):
@@ -167,7 +157,7 @@ def weights_only_loading():
         except Exception as error:  # torch reports the refused global in an UnpicklingError
             if "Weights only load failed" in str(error) or "Unsupported global" in str(error):
                 source = args[0] if args else kwargs.get("f")
-                first = str(error).split("\n\n")[1] if "\n\n" in str(error) else str(error).splitlines()[0]
+                first = str(error).split("\n\n")[1] if "\n\n" in str(error) else first_line(error)
                 raise UnsafeCheckpointError(f"{source}: refused to unpickle it ({first.strip()[:200]})") from None
             raise
 
@@ -179,9 +169,9 @@ def weights_only_loading():
         torch.load = original
 
 
-def to_universal(tag_dir: Path, rank: int, mirror=None) -> Path:
-    """Convert a checkpoint written at another data-parallel degree (rank 0 does the work; with a
-    mirror, the other nodes download the result)."""
+def to_universal(tag_dir: Path, rank: int, mirror: Mirror) -> Path:
+    """Convert a checkpoint written at another data-parallel degree (rank 0 does the work and keeps
+    it; the other nodes download it)."""
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     out_dir = tag_dir.parent / f"universal-{tag_dir.name}"
@@ -192,17 +182,16 @@ def to_universal(tag_dir: Path, rank: int, mirror=None) -> Path:
         with weights_only_loading():
             convert(args)
         write_json(out_dir / COMPLETE, {"source": tag_dir.name})
-        if mirror is not None:
-            mirror.upload(out_dir)
+        mirror.upload(out_dir)
     barrier()
-    if mirror is not None and rank != 0 and local_rank() == 0:
+    if rank != 0 and mirror.tends(rank):
         mirror.download(out_dir, replace=False)
     barrier()
     return out_dir
 
 
 def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn: Callable[[str], None],
-         mirror=None) -> dict:
+         mirror: Mirror) -> dict:
     """Load the chosen checkpoint into the engine; returns its client state."""
     tag_dir = checkpoint_dir / tag_name(record["step"])
     tag = tag_dir.name
@@ -218,3 +207,27 @@ def load(engine, checkpoint_dir: Path, record: dict, rank: int, world: int, warn
     if path is None:
         raise RuntimeError(f"checkpoint {tag_dir} could not be loaded")
     return client_state
+
+
+def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
+    """Load the newest valid checkpoint if there is one; returns the training state to continue from."""
+    fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0, **FRESH_STATE}
+    rank, world = rank_and_world()
+    warn = log.ctx.say if log.rank == 0 else (lambda _message: None)
+    fetch(log.ctx.mirror, checkpoint_dir, rank)
+    record = record_of(checkpoint_dir, rank, warn)
+    if record is None:
+        log.resume_at(0)  # an attempt that died before its first checkpoint may have left history
+        return fresh
+    client_state = load(engine, checkpoint_dir, record, rank, world, warn, log.ctx.mirror)
+    torch.set_rng_state(client_state["torch_rng"])
+    state = {key: client_state.get(key, value) for key, value in fresh.items()}
+    log.resume_at(state["step"])
+    return state
+
+
+def remove(checkpoint_dir: Path, rank: int, mirror: Mirror) -> None:
+    """Once the step's result is written, the resumable state is no longer needed (each node's copy)."""
+    barrier()
+    if mirror.tends(rank):
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -1,7 +1,9 @@
 """What every task shares: the error type users see, the context a task runs in, progress lines.
 
-Tasks never import Ray or MLflow; the executor hands them a `TaskContext` whose
-`parallel_map` runs work as Ray tasks and whose `log_metrics` reaches MLflow.
+Tasks never import Ray, MLflow or pipelines/; the executor hands them a `TaskContext` whose
+`parallel_map` runs work as Ray tasks, whose `log_metrics` reaches MLflow, whose `mirror` keeps
+checkpoints and work units where the next attempt finds them and whose `stop` says when to stop
+(both implemented for each storage mode by pipelines/storage.py).
 """
 from __future__ import annotations
 
@@ -13,11 +15,29 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 
 class UserError(Exception):
     """Bad input or configuration. The entry point prints it as one line, without a traceback."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's first line, at most `limit` characters (its type's name when it says nothing): what
+    a one-line message quotes of an error from a library, whose later lines are details or a traceback."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def filesystem(location: str) -> tuple[Any, str]:
+    """The pyarrow filesystem of a local path or a URI (file://, s3://, gs://, hdfs://) and the path
+    inside it. A URI pyarrow cannot use raises its error (pyarrow.ArrowException, ValueError or
+    OSError), which the caller turns into a UserError naming its config key."""
+    import pyarrow.fs as pafs  # pyarrow is loaded by the tasks that read files, not by every user of UserError
+
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
 def serial_map(fn: Callable, items: list, on_result: Callable[[int, Any], None] | None = None) -> list:
@@ -34,6 +54,98 @@ def _no_metrics(metrics: dict, step: int | None = None) -> None:
     return None
 
 
+class Mirror(Protocol):
+    """Keeps a step's working files (a training step's checkpoints, loss history and best weights; the
+    ingest step's finished work units) where the next attempt finds them, on whichever node it runs.
+    A local path below the node's root stands for the same place in what is kept."""
+
+    def tends(self, rank: int) -> bool:
+        """Whether this rank looks after its node's copy of the files (records, uploads, prunes)."""
+
+    def upload(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        """Keep a file, or the files below a folder (not dot-files, nor below `exclude`d sub-folders);
+        replace=False keeps kept files of the same size, replace=True also drops kept files gone here."""
+
+    def download(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        """The kept files below `path` into this node's copy; replace=False keeps local files of the same size."""
+
+    def folders(self, path: Path) -> list[str]:
+        """The names of the kept sub-folders of `path`."""
+
+    def has(self, path: Path) -> bool:
+        """Whether the file is kept."""
+
+    def remove(self, path: Path) -> None:
+        """Drop a kept folder."""
+
+    def drop_unkept(self, path: Path, kept: list[str], pattern: str) -> None:
+        """Remove this node's sub-folders of `path` matching `pattern` that are not among `kept` (a
+        node's copy may hold what was never kept, and the other nodes lack)."""
+
+
+@dataclass(frozen=True)
+class SharedFolder:
+    """The Mirror of a directory every rank sees (a shared paths.root, or a task run on its own): the
+    files already are where the next attempt looks, so nothing is kept apart from them, nothing
+    moves, and rank 0 alone tends them."""
+
+    def tends(self, rank: int) -> bool:
+        return rank == 0
+
+    def upload(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        return None
+
+    def download(self, path: Path, exclude: tuple[str, ...] = (), replace: bool = True) -> None:
+        return None
+
+    def folders(self, path: Path) -> list[str]:
+        return []
+
+    def has(self, path: Path) -> bool:
+        return False
+
+    def remove(self, path: Path) -> None:
+        return None
+
+    def drop_unkept(self, path: Path, kept: list[str], pattern: str) -> None:
+        return None
+
+
+class StopChannel(Protocol):
+    """How a running training step learns that it should stop: a stop request (SIGTERM or Ctrl-C on the
+    driver: checkpoint at the end of the current step and return) or another launch having taken the
+    step over (stop at once, without writing)."""
+
+    def request(self) -> None:
+        """Ask for a stop (SIGTERM reaching a process that trains in its main thread)."""
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+
+    def superseded(self) -> bool:
+        """Whether another launch owns the step now."""
+
+
+@dataclass
+class StopFlag:
+    """The StopChannel of a task run on its own: a stop is what `request()` asked for; nothing supersedes it."""
+
+    asked: bool = False
+
+    def request(self) -> None:
+        self.asked = True
+
+    def requested(self) -> bool:
+        return self.asked
+
+    def superseded(self) -> bool:
+        return False
+
+
+class Superseded(RuntimeError):
+    """Another launch took over this training step's directory."""
+
+
 @dataclass
 class TaskContext:
     """How a task reaches the outside world."""
@@ -47,9 +159,11 @@ class TaskContext:
     work_dir: Path | None = None
     """A data step's working directory for what must survive a failed attempt (finished work units):
     fixed per fingerprint, kept until the step is published (the executor sets it); None: nothing survives."""
-    mirror: Any = None
-    """Where the Ray nodes share no directory (paths.root is a URI): uploads a training step's
-    checkpoints to the store and downloads them on resumption (pipelines/store.NodeMirror)."""
+    mirror: Mirror = SharedFolder()
+    """Keeps checkpoints and finished work units for the next attempt: where the Ray nodes share no
+    directory (paths.root is a URI) through the store (pipelines/storage.py)."""
+    stop: StopChannel = field(default_factory=StopFlag)
+    """A training step's stop requests and takeovers (pipelines/storage.py: through the step's directory)."""
     extra: dict = field(default_factory=dict)
 
     def say(self, message: str) -> None:

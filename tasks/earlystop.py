@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from conf.schema import EarlyStoppingConfig
+from tasks.distributed import full_parameters
 
 # Training-state keys (checkpointed with the rest of the state) and their fresh values.
 FRESH_STATE = {"best_step": 0, "best_score": math.inf, "evals_since_best": 0}
@@ -27,8 +28,6 @@ class BestKeeper:
 
     def update(self, engine, step: int, metrics: dict, state: dict) -> bool:
         """Record one validation; True when training should stop."""
-        from tasks.training import full_parameters
-
         value = metrics[self.cfg.metric]
         score = -value if HIGHER_IS_BETTER[self.cfg.metric] else value
         if score < state["best_score"] - self.cfg.min_delta:

@@ -184,12 +184,7 @@ def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict,
     if task.kind == "classification":
         labels = load_labels(inputs["taskdata"])
         gold = [r["label"] for r in test]
-        train = load_split(inputs["taskdata"], "train")
-        majority = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
-        predictions["majority"] = [majority] * len(test)
-        # the classic baseline a model must beat to be worth it, on the same train and test splits
-        predictions["tfidf_logreg"] = baselines.tfidf_logreg([r["text"] for r in train], [r["label"] for r in train],
-                                                             [r["text"] for r in test], C=cfg.eval.tfidf_c, seed=task.seed)
+        predictions.update(classic_predictions(load_split(inputs["taskdata"], "train"), test, cfg))
         # zero-shot: the untuned model, told the candidate labels in its prompt
         zero_shot = dataclasses.replace(task, prompt_template=task.zero_shot_template.replace("{labels}", ", ".join(labels)))
         for name, model, prompt, records in runs + [("zero_shot", models["untuned"], zero_shot, test)]:
@@ -213,14 +208,25 @@ def task_metrics(models: dict, tokenizer, cfg: EvaluateStepConfig, inputs: dict,
     return task_report, examples, label_scores
 
 
+def classic_predictions(train: list[dict], test: list[dict], cfg) -> dict[str, list[str]]:
+    """The majority class and the classic baseline a model must beat to be worth it (TF-IDF + logistic
+    regression), trained on the train split and predicting the test split; cfg: an evaluate or
+    ensemble step's config (eval.tfidf_c, task.seed)."""
+    majority = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
+    return {"majority": [majority] * len(test),
+            "tfidf_logreg": baselines.tfidf_logreg([r["text"] for r in train], [r["label"] for r in train],
+                                                   [r["text"] for r in test], C=cfg.eval.tfidf_c, seed=cfg.task.seed)}
+
+
 COMPARED = ("majority", "tfidf_logreg", "no_pretraining", "untuned", "zero_shot")
 """The baselines the fine-tuned model is compared with, paired on the same resamples."""
 
 
 def add_intervals(results: dict, gold: list[str], predictions: dict, labels: list[str],
-                  cfg: EvaluateStepConfig) -> dict:
-    """95% bootstrap intervals (<metric>_low/_high) into each model's scores; returns the fine-tuned
-    model's accuracy difference with each baseline, its interval and verdict (a tie when it holds 0)."""
+                  cfg, model: str = "finetuned") -> dict:
+    """95% bootstrap intervals (<metric>_low/_high) into each model's scores; returns `model`'s accuracy
+    difference with each baseline, its interval and verdict (a tie when it holds 0). cfg: an evaluate
+    or ensemble step's config (eval.bootstrap_resamples, task.seed)."""
     if not cfg.eval.bootstrap_resamples:
         return {}
     resampled = baselines.resampled_classification_scores(gold, predictions, labels, cfg.eval.bootstrap_resamples,
@@ -231,10 +237,10 @@ def add_intervals(results: dict, gold: list[str], predictions: dict, labels: lis
             results[name].update({f"{metric}_low": low, f"{metric}_high": high})
     comparisons = {}
     for name in COMPARED:
-        if name in results and "finetuned" in results:
+        if name in results and model in results:
             low, high = baselines.percentile_interval(
-                resampled["finetuned"]["accuracy"] - resampled[name]["accuracy"], 0.95)
-            delta = results["finetuned"]["accuracy"] - results[name]["accuracy"]
+                resampled[model]["accuracy"] - resampled[name]["accuracy"], 0.95)
+            delta = results[model]["accuracy"] - results[name]["accuracy"]
             comparisons[name] = {"accuracy_delta": delta, "low": low, "high": high,
                                  "verdict": baselines.verdict(low, high)}
     return comparisons

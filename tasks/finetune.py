@@ -36,6 +36,7 @@ from conf.schema import FinetuneConfig, FinetuneStepConfig, TaskConfig
 from tasks import modelcard, regularize, training
 from tasks.augment import augment_records
 from tasks.common import TaskContext, write_json
+from tasks.distributed import all_reduce_sum, full_parameters
 from tasks.models import OBJECTIVE_FILE, is_classifier, load_base_model, load_saved, load_tuned, mark_if_pooled
 from tasks.earlystop import BestKeeper
 from tasks.regularize import IGNORE_INDEX
@@ -176,7 +177,7 @@ def head_accuracy(engine, eval_batches: list) -> Callable[[], dict]:
                 right += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
                 total += len(batch["labels"])
         engine.train()
-        right, total = training.all_reduce_sum([float(right), float(total)])
+        right, total = all_reduce_sum([float(right), float(total)])
         return {"val_accuracy": right / max(total, 1.0)}
 
     return measure
@@ -240,10 +241,14 @@ def epoch_budget(cfg: FinetuneConfig, num_examples: int) -> FinetuneConfig:
 
 
 def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
+    return training.run_worker(cfg.finetune, out_dir, ctx, lambda rank, world: prepare(cfg, inputs, out_dir, ctx, rank, world))
+
+
+def prepare(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext, rank: int, world: int) -> training.Job:
+    """The tuned model, its engine, the encoded examples, validation and early stopping; the exports
+    once training finished (`export_all`)."""
     from transformers import AutoTokenizer
 
-    training.setup_worker(cfg.finetune)
-    rank, world = training.rank_and_world()
     model_dir = Path(inputs["pretrain"]) / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     objective = resolve_objective(cfg.finetune, cfg.task.kind)
@@ -290,34 +295,55 @@ def train_worker(cfg: FinetuneStepConfig, inputs: dict, out_dir: Path, ctx: Task
                                               labels, cfg.task, train_cfg.max_length)
         validate = lambda: {"val_accuracy": measure()}
     stopping = dataclasses.replace(train_cfg.early_stopping, metric=stopping_metric(train_cfg, cfg.task.kind))
-    keeper = BestKeeper(stopping, out_dir / "checkpoints", rank) if stopping.patience else None
+    keeper = BestKeeper(stopping, out_dir / training.CHECKPOINTS, rank) if stopping.patience else None
     mean_tokens = sum(len(ids) for ids, _ in train_examples) / len(train_examples)
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, int(train_cfg.global_batch_size * mean_tokens),
                             out_dir / "train_log.jsonl")
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints",
-                             keeper, validate)
-    if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
-        return metrics
+    tuned = Tuned(engine, train_cfg, cfg.task, objective, labels, tokenizer, model_dir, out_dir, rank, keeper)
 
-    kind = "model" if train_cfg.method == "full" else "adapter"
-    metrics = {**metrics, "trainable_parameters": trainable}
+    def finish(metrics: dict) -> dict:
+        metrics = export_all(tuned, {**metrics, "trainable_parameters": trainable},
+                             lambda: torch.tensor([val_examples[0][0]]))
+        return {**metrics, "augmented_examples": len(augmented) - len(train_records), "max_steps": train_cfg.max_steps}
+
+    return training.Job(engine, train_cfg, forward, train_batch, eval_batches, log, finish, keeper, validate)
+
+
+@dataclasses.dataclass
+class Tuned:
+    """A fine-tuning worker's trained engine and what its exports need."""
+
+    engine: object
+    cfg: FinetuneConfig
+    task: TaskConfig
+    objective: str
+    labels: list[str] | None
+    tokenizer: object
+    model_dir: Path
+    out_dir: Path
+    rank: int
+    keeper: BestKeeper | None
+
+
+def export_all(tuned: Tuned, metrics: dict, probe: Callable[[], torch.Tensor]) -> dict:
+    """Rank 0 saves the tuned weights (those of the best validation with early stopping), objective.json,
+    and for LoRA the merged model; every rank takes part in gathering ZeRO-3 weights."""
+    cfg, out_dir, rank, tokenizer = tuned.cfg, tuned.out_dir, tuned.rank, tuned.tokenizer
+    kind = "model" if cfg.method == "full" else "adapter"
 
     def card(directory: str) -> modelcard.Card:
-        return modelcard.finetune_card(directory, train_cfg, cfg.task, objective, labels, metrics, tokenizer,
-                                       out_dir / directory, model_dir)
+        return modelcard.finetune_card(directory, cfg, tuned.task, tuned.objective, tuned.labels, metrics, tokenizer,
+                                       out_dir / directory, tuned.model_dir)
 
-    if rank == 0 and cfg.task.kind == "chat":  # users prompt it the way it was trained (modelcard.chat_note)
-        tokenizer.chat_template = cfg.task.chat_template
-    with training.full_parameters(engine) as module:
+    if rank == 0 and tuned.task.kind == "chat":  # users prompt it the way it was trained (modelcard.chat_note)
+        tokenizer.chat_template = tuned.task.chat_template
+    with full_parameters(tuned.engine) as module:
         if rank == 0:
-            if keeper is not None:  # export the weights of the best validation, not the last ones
-                keeper.load_best(module, metrics["best_step"])
+            if tuned.keeper is not None:  # export the weights of the best validation, not the last ones
+                tuned.keeper.load_best(module, metrics["best_step"])
             export_tuned(module, out_dir / kind, tokenizer, card(kind))
-            write_json(out_dir / OBJECTIVE_FILE, {"objective": objective, "labels": labels,
-                                                  "pad_token_id": tokenizer.pad_token_id, "pooling": train_cfg.pooling})
-    if rank == 0 and train_cfg.method == "lora":
-        probe = torch.tensor([val_examples[0][0]])
-        metrics["merge_max_logit_error"] = export_merged(model_dir, out_dir, tokenizer, probe, card("merged"))
-    training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "augmented_examples": len(augmented) - len(train_records),
-            "max_steps": train_cfg.max_steps}
+            write_json(out_dir / OBJECTIVE_FILE, {"objective": tuned.objective, "labels": tuned.labels,
+                                                  "pad_token_id": tokenizer.pad_token_id, "pooling": cfg.pooling})
+    if rank == 0 and cfg.method == "lora":
+        metrics["merge_max_logit_error"] = export_merged(tuned.model_dir, out_dir, tokenizer, probe(), card("merged"))
+    return metrics

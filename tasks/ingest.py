@@ -34,7 +34,6 @@ from tasks import dedup, file_digests, mixing, quality, units
 from tasks.common import TaskContext, UserError, hash_fraction, stable_hash, write_json, write_jsonl
 from tasks.sources import TEXT_SUFFIXES, Part, Source, find_sources, read_part, split_suffix
 
-SHARD_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 # The test suites hold deliberately malformed files (bad encodings, syntax errors): not corpus material.
@@ -316,7 +315,8 @@ def write_shards(docs: list[mixing.Doc], out_dir: Path, docs_per_shard: int) -> 
     num_shards = 0
     for start in range(0, len(docs), docs_per_shard):
         part = docs[start : start + docs_per_shard]
-        table = pa.table([[getattr(doc, name) for doc in part] for name in SHARD_SCHEMA.names], schema=SHARD_SCHEMA)
+        table = pa.table([[getattr(doc, name) for doc in part] for name in units.DOCS_SCHEMA.names],
+                         schema=units.DOCS_SCHEMA)  # a shard holds documents as a work unit does
         pq.write_table(table, shards_dir / f"part-{num_shards:05d}.parquet")
         num_shards += 1
     return num_shards

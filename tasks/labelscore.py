@@ -43,17 +43,20 @@ def can_pack(model) -> bool:
 @torch.no_grad()
 def packed_label_log_likelihoods(model, tokenizer, records: list[dict], labels: list[str], task: TaskConfig,
                                  max_length: int, progress: Progress | None = None,
-                                 batch_size: int = 4) -> list[list[float]]:
+                                 batch_size: int = 16) -> list[list[float]]:
     """Each record's summed log-probability of each candidate label (+EOS), all candidates of a record
     in one packed sequence."""
     targets = [encode_target(tokenizer, " " + label) for label in labels]
     longest = max(map(len, targets))
-    scores = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [encode_prompt(tokenizer, render({**r, "label": labels[0]}, task)[:3], task.kind, max_length, longest)
-                   for r in chunk]
-        scores.extend(score_packed(model, prompts, targets, tokenizer.pad_token_id))
+    prompts = [encode_prompt(tokenizer, render({**r, "label": labels[0]}, task)[:3], task.kind, max_length, longest)
+               for r in records]
+    # records of similar length share a pass (less padding); a score does not depend on its batch
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores: list[list[float]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, row in zip(chunk, score_packed(model, [prompts[i] for i in chunk], targets, tokenizer.pad_token_id)):
+            scores[i] = row
         if progress is not None:
             progress.update(len(chunk))
     return scores
@@ -73,9 +76,15 @@ def score_packed(model, prompts: list[list[int]], targets: list[list[int]], pad_
         segments[row, : len(ids)] = torch.tensor([0] * len(prompt) + [i + 1 for i, target in enumerate(targets)
                                                                       for _ in target])
     mask = packed_attention_mask(segments, next(model.parameters()).dtype)
-    log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-                                  .logits.float(), dim=-1)
-    return [target_scores(log_probs[row], len(prompt), targets) for row, prompt in enumerate(prompts)]
+    # only the positions that predict a target token go through the output head and the softmax
+    wanted = [scored_positions(len(prompt), targets) for prompt in prompts]
+    kept = sorted({i for row in wanted for target in row for i in target})
+    column = {position: k for k, position in enumerate(kept)}
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=torch.tensor(kept)).logits
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return [[log_probs[row, [column[i] for i in where], target].sum().item() for where, target in zip(rows, targets)]
+            for row, rows in enumerate(wanted)]
 
 
 def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,12 +97,11 @@ def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def target_scores(log_probs: torch.Tensor, prompt_length: int, targets: list[list[int]]) -> list[float]:
-    """Each target's summed log-probability in one packed row: its first token is predicted at the
-    prompt's last position, the others at the target's own previous token."""
-    scores, start = [], prompt_length
+def scored_positions(prompt_length: int, targets: list[list[int]]) -> list[list[int]]:
+    """Where each target's tokens are predicted in one packed row: its first token at the prompt's last
+    position, the others at the target's own previous token."""
+    positions, start = [], prompt_length
     for target in targets:
-        where = [prompt_length - 1] + list(range(start, start + len(target) - 1))
-        scores.append(log_probs[where, target].sum().item())
+        positions.append([prompt_length - 1] + list(range(start, start + len(target) - 1)))
         start += len(target)
-    return scores
+    return positions

@@ -19,6 +19,7 @@ import torch
 from conf.schema import ModelConfig, PretrainStepConfig
 from tasks import modelcard, models, training
 from tasks.common import TaskContext
+from tasks.distributed import full_parameters
 from tasks.tokenize import load_split, load_tokenizer
 
 
@@ -62,9 +63,12 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
 
 
 def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext) -> dict:
+    return training.run_worker(cfg.pretrain, out_dir, ctx, lambda rank, world: prepare(cfg, inputs, out_dir, ctx, rank, world))
+
+
+def prepare(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: TaskContext, rank: int, world: int) -> training.Job:
+    """The model, its engine, the token rows and the training log; the export once training finished."""
     train_cfg = cfg.pretrain
-    training.setup_worker(train_cfg)
-    rank, world = training.rank_and_world()
     tokenize_dir = Path(inputs["tokenize"])
     meta = json.loads((tokenize_dir / "meta.json").read_text())
     train_rows, val_rows = load_split(tokenize_dir, "train"), load_split(tokenize_dir, "val")
@@ -92,19 +96,18 @@ def train_worker(cfg: PretrainStepConfig, inputs: dict, out_dir: Path, ctx: Task
     log = training.TrainLog(ctx, rank, train_cfg.max_steps, train_cfg.global_batch_size * meta["seq_len"],
                             out_dir / "train_log.jsonl", flops_per_token=fpt / world,
                             peak_flops=training.measure_peak_flops(train_cfg), use_gpu=train_cfg.use_gpu)
-    metrics = training.train(engine, train_cfg, forward, train_batch, eval_batches, log, out_dir / "checkpoints")
-    if "stopped_at_step" in metrics:  # preempted: the checkpoint stays for the next run
-        return metrics
 
-    with training.full_parameters(engine) as module:
-        if rank == 0:
-            tokenizer = load_tokenizer(tokenize_dir / "tokenizer")
-            card = modelcard.pretrain_card(cfg.model, train_cfg, meta, {**metrics, "num_parameters": num_params},
-                                           tokenizer, tokenize_dir.name)
-            probe_ids = torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64))
-            export(module, tokenize_dir, out_dir, probe_ids, tokenizer, card)
-    training.remove_checkpoints(out_dir / "checkpoints", rank)
-    return {**metrics, "num_parameters": num_params, "flops_per_token": fpt}
+    def finish(metrics: dict) -> dict:
+        with full_parameters(engine) as module:
+            if rank == 0:
+                tokenizer = load_tokenizer(tokenize_dir / "tokenizer")
+                card = modelcard.pretrain_card(cfg.model, train_cfg, meta, {**metrics, "num_parameters": num_params},
+                                               tokenizer, tokenize_dir.name)
+                probe_ids = torch.from_numpy(np.asarray(val_rows[:2, :32], dtype=np.int64))
+                export(module, tokenize_dir, out_dir, probe_ids, tokenizer, card)
+        return {**metrics, "num_parameters": num_params, "flops_per_token": fpt}
+
+    return training.Job(engine, train_cfg, forward, train_batch, eval_batches, log, finish)
 
 
 @torch.no_grad()

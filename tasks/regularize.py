@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from conf.schema import FinetuneConfig
+from tasks.distributed import all_reduce_sum
 from tasks.labelscore import label_log_likelihoods
 
 IGNORE_INDEX = -100
@@ -82,10 +84,6 @@ def make_forward(model, cfg: FinetuneConfig, bare=None) -> Callable[[dict], torc
 
 def accuracy_measure(engine, tokenizer, records: list[dict], labels: list[str], cfg, max_length: int) -> Callable[[], float]:
     """Validation accuracy by label likelihood on this rank's share of `records`, summed over ranks."""
-    import numpy as np
-
-    from tasks.training import all_reduce_sum
-
     def measure() -> float:
         engine.eval()
         correct = sum(labels[int(np.argmax(label_log_likelihoods(engine.module, tokenizer, r, labels, cfg, max_length)))]

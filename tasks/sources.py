@@ -34,7 +34,8 @@ from pathlib import PurePosixPath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from tasks.common import UserError
+from tasks import common
+from tasks.common import UserError, first_line
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet", ".csv", ".tsv", ".arrow"}
@@ -79,13 +80,12 @@ def split_suffix(path: str) -> tuple[str, str | None]:
 
 
 def filesystem(key: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a local path or URI, and the path inside it."""
-    if "://" in key:
-        try:
-            return pafs.FileSystem.from_uri(key)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise UserError(f"{key}: not a usable URI ({str(exc).splitlines()[0]})") from None
-    return pafs.LocalFileSystem(), os.path.abspath(key)
+    """The pyarrow filesystem of a local path or URI, and the path inside it (tasks/common.py), with a
+    URI pyarrow cannot use as a UserError naming it."""
+    try:
+        return common.filesystem(key)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise UserError(f"{key}: not a usable URI ({first_line(exc)})") from None
 
 
 def content_digest(path: str, key: str) -> str:
@@ -99,7 +99,7 @@ def content_digest(path: str, key: str) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{key}: cannot read '{path}' ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{key}: cannot read '{path}' ({first_line(exc)})") from None
     return digest.hexdigest()[:16]
 
 
@@ -257,8 +257,7 @@ def describe(exc: Exception) -> str:
     """The first line of an exception's message (OSErrors: the text of their errno), for a one-line error."""
     if isinstance(exc, OSError) and exc.errno:  # pyarrow's strerror repeats the path
         return os.strerror(exc.errno)
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
+    return first_line(exc)
 
 
 def read_bytes(path: str, compression: str | None) -> bytes:

@@ -4,7 +4,8 @@ Records are classification ({"text", "label"}), generation ({"prompt", "completi
 ({"messages": [{"role", "content"}, ...]}, the last message the assistant's answer), read
 from the user's JSONL, CSV/TSV or Parquet files (local, or any pyarrow.fs URI), with columns
 mapped by `task.fields`, or built from Python itself ('stdlib_packages': which
-standard-library package a function's source comes from). A record with a missing or
+standard-library package a function's source comes from; 'stdlib_chat': what a function does,
+answered with its docstring's first sentence, tasks/stdlib_chat.py). A record with a missing or
 wrongly typed field is reported with its file and line (or row) number.
 
     run(cfg: TaskConfig, inputs={}, out_dir, ctx) -> metrics
@@ -18,7 +19,9 @@ import textwrap
 from pathlib import Path
 
 from conf.schema import StdlibTaskConfig, TaskConfig
-from tasks.common import TaskContext, UserError, hash_fraction, iter_jsonl, read_jsonl, write_json, write_jsonl
+from tasks import stdlib_chat
+from tasks.common import (TaskContext, UserError, filesystem, first_line, hash_fraction, iter_jsonl, read_jsonl,
+                          write_json, write_jsonl)
 
 FIELDS = {"classification": ("text", "label"), "generation": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant")
@@ -36,7 +39,7 @@ def read_rows(path: str, key: str, header: bool = True) -> list[tuple[str, objec
     import pyarrow.parquet as pq
 
     try:
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+        fs, inner = filesystem(path)
         if fs.get_file_info(inner).type != pafs.FileType.File:
             raise UserError(f"{key}: no such file '{path}'")
         suffix = Path(inner).suffix.lower()
@@ -47,7 +50,7 @@ def read_rows(path: str, key: str, header: bool = True) -> list[tuple[str, objec
     except UserError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{key}: cannot read '{path}': {str(error).splitlines()[0]}") from None
+        raise UserError(f"{key}: cannot read '{path}': {first_line(error)}") from None
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
         if not header:
@@ -167,13 +170,20 @@ def shuffled(records: list[dict], seed: int) -> list[dict]:
     return sorted(records, key=lambda r: (hash_fraction("order" + record_key(r), seed), record_key(r)))
 
 
+BUILTIN_TASKS = {
+    "stdlib_packages": ("classification", lambda cfg: stdlib_function_records(cfg.stdlib, cfg.seed)),
+    "stdlib_chat": ("chat", lambda cfg: [dict(r) for r in stdlib_chat.records()]),
+}
+"""task.builtin -> (the task.kind it is, its records): data sets made from Python itself."""
+
+
 def prepare(cfg: TaskConfig) -> dict[str, list[dict]]:
     if cfg.kind not in FIELDS:
         raise UserError(f"task.kind: unknown kind '{cfg.kind}' (known: {', '.join(FIELDS)})")
-    if cfg.builtin == "stdlib_packages":
-        records, test, val = stdlib_function_records(cfg.stdlib, cfg.seed), None, None
-    elif cfg.builtin is not None:
-        raise UserError(f"task.builtin: unknown data set '{cfg.builtin}' (known: stdlib_packages)")
+    if cfg.builtin is not None:
+        if cfg.builtin not in BUILTIN_TASKS:
+            raise UserError(f"task.builtin: unknown data set '{cfg.builtin}' (known: {', '.join(BUILTIN_TASKS)})")
+        records, test, val = BUILTIN_TASKS[cfg.builtin][1](cfg), None, None
     else:
         if not cfg.train_path:
             raise UserError("task.train_path: required when task.builtin is not set")

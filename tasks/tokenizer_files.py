@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from conf.schema import TokenizerConfig
-from tasks.common import UserError, file_digest
+from tasks.common import UserError, file_digest, first_line
 
 # What `PreTrainedTokenizerFast.from_pretrained` reads from a directory (tokenizer.json required)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -58,8 +58,7 @@ def load(cfg: TokenizerConfig):
         else:
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
     except Exception as error:  # tokenizers reports a malformed file as a bare Exception
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"tokenizer.path: cannot load '{cfg.path}' ({reason})") from None
+        raise UserError(f"tokenizer.path: cannot load '{cfg.path}' ({first_line(error)})") from None
     fill_special_tokens(tokenizer, cfg)
     return tokenizer
 

@@ -1,8 +1,11 @@
 """The training machinery that pretraining and fine-tuning share: DeepSpeed set-up from the typed
-config, the deterministic data order, and one flat training loop with evaluation and logging.
+config, the deterministic data order, one flat training loop with evaluation and logging, and the
+skeleton of a training step's worker (`run_worker`: set up, train, export, drop the checkpoints).
 
 Runs inside each data-parallel worker; torch.distributed is already initialised by the
-launcher (Ray Train), and rank 0 alone writes files and logs metrics.
+launcher (Ray Train), and rank 0 alone writes files and logs metrics. The loop learns of stop
+requests and takeovers through the context's StopChannel (tasks/common.py), and keeps its
+checkpoints through the context's Mirror (tasks/checkpoints.py).
 """
 from __future__ import annotations
 
@@ -10,32 +13,28 @@ import contextlib
 import logging
 import math
 import os
-import shutil
-import sys
 import time
-import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from conf.schema import TrainConfig
-from tasks.common import UserError
-from tasks.earlystop import FRESH_STATE
+from tasks import checkpoints
+from tasks.common import Mirror, StopChannel, Superseded, TaskContext, UserError
+from tasks.distributed import all_reduce_sum, import_deepspeed, rank_and_world
+from tasks.earlystop import BestKeeper
 from tasks.trainlog import TrainLog, log_final
+
+CHECKPOINTS = "checkpoints"
+"""A training step's resumable state, below its working directory (tasks/checkpoints.py)."""
 
 
 class NonFiniteError(UserError):
     """Training produced a non-finite loss or weights; nothing non-finite is ever checkpointed."""
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def quiet_frameworks() -> None:
@@ -77,7 +76,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         # Our AdamW, not DeepSpeed's CPU Adam, also when offloading: the same update everywhere.
         "zero_force_ds_cpu_optimizer": False,
         # On GPUs bf16 is native; on CPUs the weights stay fp32 and the forward pass runs under autocast.
-        "bf16": {"enabled": cfg.precision == "bf16" and cfg.use_gpu},
+        "bf16": {"enabled": uses_bf16(cfg) and cfg.use_gpu},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -93,8 +92,16 @@ def bf16_autocast_available() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def uses_bf16(cfg: TrainConfig) -> bool:
+    """bf16 as set; `auto` is resolved by pipelines.run before planning (tasks/precision.py), and where a
+    task is called directly it means bf16 where it is native (a GPU, or a CPU with bf16 instructions)."""
+    if cfg.precision == "auto":
+        return cfg.use_gpu or bf16_autocast_available()
+    return cfg.precision == "bf16"
+
+
 def autocast(cfg: TrainConfig):
-    if cfg.precision == "bf16" and not cfg.use_gpu and bf16_autocast_available():
+    if uses_bf16(cfg) and not cfg.use_gpu and bf16_autocast_available():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -159,45 +166,6 @@ def recompute_mlps(model: torch.nn.Module) -> None:
             layer.mlp = Recompute(layer.mlp)
 
 
-UNUSED_BY_DEEPSPEED_HERE = ("mlflow",)
-"""Imported by DeepSpeed's autotuner if installed; used only by autotuning runs."""
-
-
-class NotMuon:
-    """Stands in for DeepSpeed's Muon optimizer, which ZeRO imports on every gradient reduction only
-    to test `isinstance` and `use_muon`: importing the real modules runs torch.compile decorators that
-    load torch's compiler stack (about 6 s of CPU per training worker on 2 cores). lmforge's
-    optimizer is AdamW (build_optimizer), so the Muon code is never called."""
-
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("lmforge trains with AdamW; DeepSpeed's Muon optimizer is not loaded")
-
-
-def muon_update(*args, **kwargs):
-    raise RuntimeError("lmforge trains with AdamW; DeepSpeed's Muon update is not loaded")
-
-
-MUON_STAND_INS = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": NotMuon},
-                  "deepspeed.runtime.zero.muon.original_muon": {"muon_update": muon_update}}
-
-
-def import_deepspeed():
-    """DeepSpeed without the imports it makes but never needs in training (most of a tiny training
-    step's start-up)."""
-    for name, attributes in MUON_STAND_INS.items():
-        if name not in sys.modules:
-            sys.modules[name] = types.ModuleType(name, NotMuon.__doc__)
-            vars(sys.modules[name]).update(attributes)
-    blocked = [name for name in UNUSED_BY_DEEPSPEED_HERE if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(blocked))  # `import` of a None entry raises ImportError, which DeepSpeed expects
-    try:
-        import deepspeed
-    finally:
-        for name in blocked:
-            del sys.modules[name]  # importable again for whoever needs it later
-    return deepspeed
-
-
 def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int, recompute: str = "layers"):
     """DeepSpeed engine over build_optimizer's AdamW and schedule. With activation checkpointing,
     `recompute` says what is recomputed: whole decoder layers ('layers') or their MLPs ('mlp')."""
@@ -225,17 +193,6 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, world: int, recompute:
 def to_device(batch: dict, engine) -> dict:
     """Tensors of a batch on the engine's device (CPU tensors stay where they are)."""
     return {k: v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@contextlib.contextmanager
-def full_parameters(engine):
-    """All parameters materialised on every rank (ZeRO-3 partitions them); a no-op for stages 0-2."""
-    if engine.zero_optimization_stage() == 3:
-        deepspeed = import_deepspeed()
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield engine.module
-    else:
-        yield engine.module
 
 
 def sample_rows(step: int, micro: int, rank: int, world: int, cfg: TrainConfig, num_rows: int) -> np.ndarray:
@@ -269,27 +226,13 @@ def eval_row_slices(num_rows: int, cfg: TrainConfig, rank: int, world: int) -> l
     return [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
 
-def collective_device() -> str:
-    """NCCL reduces GPU tensors only; gloo CPU tensors."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return "cuda"
-    return "cpu"
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def measure_peak_flops(cfg: TrainConfig, size: int = 1024, repeats: int = 8) -> float:
     """FLOP/s of a square matrix multiply in the training precision on this worker's threads:
     the denominator of model FLOP utilisation when no peak is declared."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops * 1e12
     device = "cuda" if cfg.use_gpu else "cpu"
-    dtype = torch.bfloat16 if cfg.precision == "bf16" and (cfg.use_gpu or bf16_autocast_available()) else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(cfg) and (cfg.use_gpu or bf16_autocast_available()) else torch.float32
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.matmul(a, b)  # warm-up
     best = float("inf")
@@ -304,39 +247,22 @@ def measure_peak_flops(cfg: TrainConfig, size: int = 1024, repeats: int = 8) -> 
     return 2 * size**3 / best
 
 
-STOP_FILE = ".stop_requested"
-OWNER_FILE = ".owner"
-"""Beside checkpoint_dir: the launch that owns this training directory now. A rank that sees it
-change (a new launch took over after this attempt's driver was killed) stops without writing."""
-
-
-class Superseded(RuntimeError):
-    """Another launch took over this training directory."""
-
-
-def owner(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
 def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, eval_batches: list,
           log: TrainLog, checkpoint_dir: Path, keeper=None, validate: Callable[[], dict] | None = None) -> dict:
     """One flat loop. `forward(batch) -> mean loss`; `train_batch(step, micro) -> batch`;
     `eval_batches`: this rank's validation batches. Resumes from the newest valid checkpoint in
-    checkpoint_dir. A stop request (STOP_FILE beside checkpoint_dir, written on SIGTERM) makes
-    every rank checkpoint at the end of the current step and return {"stopped_at_step": step}.
+    checkpoint_dir. A stop request (the context's StopChannel, log.ctx.stop) makes every rank
+    checkpoint at the end of the current step and return {"stopped_at_step": step}; a takeover by
+    another launch stops every rank at once, without writing (Superseded).
     `keeper` (earlystop.BestKeeper) sees every validation and may end training early; `validate()`
     adds task metrics (e.g. val_accuracy) to each validation's validation loss."""
     accum = engine.gradient_accumulation_steps()
-    stop_file, owner_file = checkpoint_dir.parent / STOP_FILE, checkpoint_dir.parent / OWNER_FILE
-    mine = owner(owner_file)
-    state = restore(engine, checkpoint_dir, log)  # window_loss, window_steps, skipped_steps
+    channel = log.ctx.stop
+    state = checkpoints.restore(engine, checkpoint_dir, log)  # window_loss, window_steps, skipped_steps
     start_step = state.pop("step")
     skipped_in_a_row = 0
     engine.train()
-    with stop_on_sigterm(stop_file):
+    with stop_on_sigterm(channel):
         for step in range(start_step, cfg.max_steps):
             done = step + 1
             step_loss, nonfinite, stop = 0.0, False, False
@@ -344,8 +270,8 @@ def train(engine, cfg: TrainConfig, forward: Callable, train_batch: Callable, ev
                 with autocast(cfg):
                     loss = forward(to_device(train_batch(step, micro), engine))
                 value = loss.item()
-                flags = all_reduce_sum([0.0 if math.isfinite(value) else 1.0, float(stop_file.exists()),
-                                        float(owner(owner_file) != mine)])
+                flags = all_reduce_sum([0.0 if math.isfinite(value) else 1.0, float(channel.requested()),
+                                        float(channel.superseded())])
                 nonfinite, stop = nonfinite or flags[0] > 0, stop or flags[1] > 0  # every rank decides alike
                 if flags[2] > 0:
                     raise Superseded(f"another launch took over {checkpoint_dir.parent}; this attempt stops "
@@ -437,62 +363,32 @@ def drop_nonfinite_gradients(engine, nonfinite: bool) -> bool:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(stop_file: Path):
+def stop_on_sigterm(channel: StopChannel):
     """Where training runs in a process's main thread, SIGTERM requests a checkpoint and a clean
-    stop (under Ray Train the driver writes the stop file instead)."""
+    stop (under Ray Train the driver's stop request comes through the channel instead)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop_file.touch())
+    previous = signal.signal(signal.SIGTERM, lambda *_: channel.request())
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, state: dict, mirror=None) -> None:
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int, state: dict,
+                    mirror: Mirror) -> None:
     """Never a checkpoint with non-finite weights. The data position is the step (the order is a
     function of it); the loss window and skip count travel along, so logged losses resume exactly."""
-    from tasks import checkpoints
-
     local = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
     if all_reduce_sum([float(sum(not torch.isfinite(t).all() for t in local))])[0]:
         raise NonFiniteError(f"non-finite weights after step {step}; no checkpoint was written")
     _, world = rank_and_world()
     checkpoints.save(engine, checkpoint_dir, step, keep, rank, world,
                      {**state, "torch_rng": torch.get_rng_state()}, mirror)
-
-
-def restore(engine, checkpoint_dir: Path, log: TrainLog) -> dict:
-    """Load the newest valid checkpoint if there is one; returns the training state to continue from."""
-    from tasks import checkpoints
-
-    fresh = {"step": 0, "window_loss": 0.0, "window_steps": 0, "skipped_steps": 0, **FRESH_STATE}
-    rank, world = rank_and_world()
-    warn = log.ctx.say if log.rank == 0 else (lambda _message: None)
-    if log.ctx.mirror is not None:
-        checkpoints.fetch(log.ctx.mirror, checkpoint_dir)
-    record = checkpoints.record_of(checkpoint_dir, rank, warn)
-    if record is None:
-        log.resume_at(0)  # an attempt that died before its first checkpoint may have left history
-        return fresh
-    client_state = checkpoints.load(engine, checkpoint_dir, record, rank, world, warn, log.ctx.mirror)
-    torch.set_rng_state(client_state["torch_rng"])
-    state = {key: client_state.get(key, value) for key, value in fresh.items()}
-    log.resume_at(state["step"])
-    return state
-
-
-def remove_checkpoints(checkpoint_dir: Path, rank: int) -> None:
-    """Once the step's result is written, the resumable state is no longer needed."""
-    from tasks import checkpoints
-
-    checkpoints.barrier()
-    if rank == 0 or checkpoints.local_rank() == 0:  # each node's own copy, where nodes share no directory
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def evaluate_loss(engine, cfg: TrainConfig, forward: Callable, eval_batches: list) -> float:
@@ -508,3 +404,37 @@ def evaluate_loss(engine, cfg: TrainConfig, forward: Callable, eval_batches: lis
     engine.train()
     total, count = all_reduce_sum([total, count])
     return total / max(count, 1)
+
+
+@dataclass
+class Job:
+    """What a training step's worker sets up (its engine, data and log) for `run_worker`."""
+
+    engine: object
+    cfg: TrainConfig
+    forward: Callable
+    train_batch: Callable
+    eval_batches: list
+    log: TrainLog
+    export: Callable[[dict], dict]
+    """export(training metrics) -> the step's metrics, once training finished: rank 0 writes the
+    step's results; every rank calls it (ZeRO-3 gathers the weights collectively)."""
+    keeper: BestKeeper | None = None
+    validate: Callable[[], dict] | None = None
+
+
+def run_worker(cfg: TrainConfig, out_dir: Path, ctx: TaskContext, prepare: Callable[[int, int], Job]) -> dict:
+    """A training step's worker, the same for every training step: set up, `prepare(rank, world)`,
+    train (resuming from out_dir's checkpoints), and unless a stop request ended training (the
+    checkpoint then stays for the next run) export and drop the checkpoints."""
+    setup_worker(cfg)
+    rank, world = rank_and_world()
+    job = prepare(rank, world)
+    checkpoint_dir = out_dir / CHECKPOINTS
+    metrics = train(job.engine, job.cfg, job.forward, job.train_batch, job.eval_batches, job.log, checkpoint_dir,
+                    job.keeper, job.validate)
+    if "stopped_at_step" in metrics:
+        return metrics
+    metrics = job.export(metrics)
+    checkpoints.remove(checkpoint_dir, rank, ctx.mirror)
+    return metrics

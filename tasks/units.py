@@ -135,8 +135,7 @@ def run_units(units: list[Unit], compute: Callable, work_dir: Path, ctx: TaskCon
     others computed in parallel tasks (`compute(unit) -> (part results, signatures or None)`)."""
     write_json(work_dir / PLAN, {"units": [unit.key for unit in units]})
     mirror = ctx.mirror  # where nodes share no directory, finished units are kept in the store too
-    if mirror is not None:
-        mirror.download(work_dir / UNITS_DIR, replace=False)
+    mirror.download(work_dir / UNITS_DIR, replace=False)
     todo = [unit for unit in units if not finished(work_dir / UNITS_DIR / unit.key, ctx)]
     reused = len(units) - len(todo)
     if reused:
@@ -145,8 +144,7 @@ def run_units(units: list[Unit], compute: Callable, work_dir: Path, ctx: TaskCon
 
     def finish(unit: Unit) -> dict:
         done = save(work_dir / UNITS_DIR / unit.key, *compute(unit), unit.size)
-        if mirror is not None:
-            mirror.upload(work_dir / UNITS_DIR / unit.key)
+        mirror.upload(work_dir / UNITS_DIR / unit.key)
         return done
 
     ctx.parallel_map(finish, todo, on_result=lambda _, done: progress.update(1, docs=done["docs_in"], MB=done["bytes"] / 1e6))

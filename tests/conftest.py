@@ -8,20 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conf.schema import Config, register_configs
+from conf.compose import CONF_DIR, compose_config  # noqa: F401  (the tests' way to compose)
+from conf.schema import Config
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
-
-register_configs()
-
-
-def compose_config(overrides: list[str] = (), config_dir: Path = CONF_DIR) -> Config:
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="session", autouse=True)

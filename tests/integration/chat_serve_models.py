@@ -94,3 +94,23 @@ def make_run(root: Path) -> Path:
     write_json(root / "runs" / f"{RUN_ID}.json", {"run_id": RUN_ID, "experiment": EXPERIMENT, "root": str(root),
                                                   "steps": steps})
     return pretrain / "model"
+
+
+def store_run(root: Path, store_dir: Path) -> str:
+    """make_run's run as a run with paths.root=<an object store> leaves it, in a file:// store: every
+    step sealed (its files with sizes and hashes, the digest) and uploaded, the summary under runs/.
+    Returns the store's URI."""
+    import shutil
+
+    from pipelines import artifacts, store
+
+    uri = store_dir.as_uri()
+    step_store = store.open_store(uri)
+    sealing = store_dir.parent / f"{store_dir.name}-sealing"
+    shutil.copytree(root, sealing)
+    for manifest_path in sorted(sealing.glob("*/*/_manifest.json")):
+        manifest = artifacts.seal(manifest_path.parent, json.loads(manifest_path.read_text()))
+        step_store.push(manifest_path.parent, manifest)
+    step_store.put_json(f"runs/{RUN_ID}.json", json.loads((root / "runs" / f"{RUN_ID}.json").read_text()))
+    shutil.rmtree(sealing)
+    return uri

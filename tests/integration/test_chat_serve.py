@@ -1,11 +1,16 @@
 """pipelines.serve and pipelines.chat against a finished run's published layout (a tiny Llama and two
-LoRA branches made by tests/integration/chat_serve_models.py): the server through the official
-`openai` client, its greedy output token for token against `generate` of the same directories,
-streaming, adapters by model name, concurrent (batched) requests and the error statuses; the
-terminal chat with scripted input."""
+LoRA branches made by tests/integration/chat_serve_models.py): the server started by the command a
+finished run prints, through the official `openai` client, its greedy output token for token against
+`generate` of the same directories, streaming, adapters by model name, concurrent (batched) requests
+and the error statuses; the same run in an object store (file://), fetched onto the serving node;
+the terminal chat with scripted input."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -17,9 +22,9 @@ import pytest
 import torch
 
 from benchmarks.serve_load import stop_server
-from pipelines import chat
-from tests.conftest import REPO
-from tests.integration.chat_serve_models import BRANCHES, NARROW_VOCAB, PRETRAIN_FP, RUN_ID, make_run
+from pipelines import chat, serving_models
+from tests.conftest import REPO, compose_config
+from tests.integration.chat_serve_models import BRANCHES, NARROW_VOCAB, PRETRAIN_FP, RUN_ID, make_run, store_run
 from tests.integration.test_resume import free_port
 
 API_KEY = "test-key"
@@ -64,12 +69,23 @@ def chat_ids(tokenizer, messages) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-@pytest.fixture(scope="module")
-def server(run_root):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--root", str(run_root), "--port", port,
-                                "--num-cpus", "1", "--api-key", API_KEY], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+def printed_command(root: str, port: str) -> list[str]:
+    """The command a finished run prints after its summary (pipelines.run calls after_run), split."""
+    cfg = compose_config(["+experiment=tiny", f"paths.root={root}", f"serve.port={port}", "serve.num_cpus=1"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        serving_models.after_run(cfg, {"run_id": RUN_ID, "steps": [{"name": "pretrain"}, {"name": "finetune.alpha"}]})
+    label, command = out.getvalue().strip().split(":", 1)
+    assert label == "serve it with" and "\n" not in command
+    return shlex.split(command)
+
+
+@contextlib.contextmanager
+def started(command: list[str], **env):
+    """The printed command (`python` as this interpreter), run until it says `serving ...`; stopped after."""
+    assert command[:3] == ["python", "-m", "pipelines.serve"]
+    process = subprocess.Popen([sys.executable, *command[1:]], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
     lines, deadline = [], threading.Timer(300, process.kill)  # a server that never comes up fails, not hangs
     deadline.start()
     try:
@@ -78,10 +94,26 @@ def server(run_root):
             if line.startswith("serving "):
                 break
         deadline.cancel()
-        assert process.poll() is None, "".join(lines[-40:])
-        yield f"http://127.0.0.1:{port}/v1"
+        assert lines and lines[-1].startswith("serving ") and process.poll() is None, "".join(lines[-40:])
+        yield lines
     finally:
         stop_server(process)
+
+
+def test_a_finished_run_prints_the_command_that_serves_it(run_root):
+    assert printed_command(str(run_root), "8123") == [
+        "python", "-m", "pipelines.serve", "--root", str(run_root), "--run-id", RUN_ID, "--port", "8123",
+        "--num-cpus", "1"]
+
+
+@pytest.fixture(scope="module")
+def server(run_root):
+    """The server as the run's printed command starts it (the API key from $LMFORGE_API_KEY)."""
+    port = free_port()
+    with started(printed_command(str(run_root), port), LMFORGE_API_KEY=API_KEY) as lines:
+        assert lines[-1].startswith(f"serving pretrain, finetune.alpha, finetune.beta, finetune.narrow at "
+                                    f"http://127.0.0.1:{port}/v1 (API key required)")
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +257,7 @@ def test_terminal_chat_streams_replies_and_keeps_the_conversation(run_root):
     script = "question 3\nanswer 21\n/reset\nquestion 3\n"
     done = subprocess.run([sys.executable, "-m", "pipelines.chat", "--root", str(run_root), "--branch", "alpha",
                            "--temperature", "0", "--max-new-tokens", "6"], cwd=REPO, input=script,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     replies = [line.split("model> ", 1)[1] for line in done.stdout.splitlines() if "model> " in line]
     assert len(replies) == 3
@@ -265,7 +297,7 @@ def test_ctrl_c_stops_a_reply_not_the_session(run_root, monkeypatch):
     monkeypatch.setattr(generation.Decoder, "step", interrupted_on_third_token)
     args = chat.parser().parse_args(["--root", str(run_root), "--branch", "alpha", "--temperature", "0",
                                      "--max-new-tokens", "6"])
-    _, specs, skipped = chat.serving_models.selected_models(args)
+    _, specs, skipped, _ = chat.serving_models.selected_models(args)
     spec = chat.serving_models.pick_branch(specs, skipped, "alpha", {"run_id": RUN_ID})
     out = io.StringIO()
     session = chat.Session(generation.load_models([spec])[spec.id], args, out)
@@ -282,3 +314,67 @@ def test_ctrl_c_stops_a_reply_not_the_session(run_root, monkeypatch):
     assert replies[0].endswith(" [interrupted]\n")
     assert len(session.messages) == 4  # both exchanges kept, the cut reply as far as it got
     assert not replies[1].endswith(" [interrupted]\n") and len(calls) > 3
+
+
+@pytest.fixture(scope="module")
+def store_uri(run_root, tmp_path_factory):
+    return store_run(run_root, tmp_path_factory.mktemp("bucket") / "lmforge")
+
+
+def test_a_run_in_an_object_store_is_served_from_its_fetched_steps(run_root, store_uri, tmp_path):
+    """paths.root=file://...: the printed command keeps the URI; the replica fetches the run's steps into
+    its node's working copy ($LMFORGE_CACHE) and serves them as from a local root."""
+    import openai
+
+    port, cache = free_port(), tmp_path / "node-cache"
+    command = printed_command(store_uri, port)
+    assert command[command.index("--root") + 1] == store_uri
+    tokenizer = tokenizer_of(run_root, "finetune.alpha")
+    expected = tokenizer.decode(reference(run_root, "finetune.alpha", chat_ids(tokenizer, MESSAGES), 8),
+                                skip_special_tokens=True)
+    with started(command, LMFORGE_CACHE=str(cache)) as lines:
+        assert "not served: finetune.cls, a classifier" in "".join(lines)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="finetune.alpha", messages=MESSAGES, temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content == expected
+    for step, fingerprint, folder in [("pretrain", PRETRAIN_FP, "model"), ("finetune", BRANCHES["alpha"], "adapter")]:
+        assert (cache / step / fingerprint / folder).is_dir()
+        assert (cache / step / fingerprint / "_manifest.json").exists()
+    assert not (cache / "finetune" / BRANCHES["cls"]).exists()  # only what is served is fetched
+
+
+def test_terminal_chat_with_a_run_in_an_object_store(run_root, store_uri, tmp_path):
+    tokenizer = tokenizer_of(run_root, "finetune.beta")
+    expected = tokenizer.decode(reference(run_root, "finetune.beta", chat_ids(tokenizer, MESSAGES), 6),
+                                skip_special_tokens=True)
+    done = subprocess.run([sys.executable, "-m", "pipelines.chat", "--root", store_uri, "--branch", "beta",
+                           "--temperature", "0", "--max-new-tokens", "6"], cwd=REPO, input="question 3\n",
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LMFORGE_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("model> ", 1)[1].split("\n", 1)[0] == expected
+    assert f"fetched finetune {BRANCHES['beta']}" in done.stderr and (tmp_path / "finetune" / BRANCHES["beta"]).is_dir()
+
+
+def test_serve_config_application_from_a_stored_run(store_uri, tmp_path, monkeypatch):
+    """cluster/serve-config.yaml's application, built as `serve deploy` builds it (its args, with the
+    root pointed at the test's store): the run's models, and what each replica fetches."""
+    import yaml
+    from ray import serve as ray_serve
+
+    from pipelines import serve
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    config = yaml.safe_load((REPO / "cluster" / "serve-config.yaml").read_text())
+    args = {**config["applications"][0]["args"], "root": store_uri, "run_id": RUN_ID}
+    args.pop("experiment", None)
+    assert isinstance(serve.build_app(args), ray_serve.Application)
+    with pytest.raises(serve.UserError, match="args: unknown prot"):
+        serve.build_app({**args, "prot": 8000})
+    bound = {}
+    monkeypatch.setattr(serve, "application",
+                        lambda args, specs, source: bound.update(specs=specs, source=source) or "app")
+    assert serve.build_app(args) == "app"
+    assert {s.id for s in bound["specs"]} == {"pretrain", "finetune.alpha", "finetune.beta", "finetune.narrow"}
+    assert bound["source"].uri == store_uri and ("finetune", BRANCHES["alpha"]) in bound["source"].steps
+    assert not (tmp_path / "finetune").exists()  # nothing is downloaded where the application is built

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tasks import checkpoints, training
-from tasks.common import file_digest
+from tasks.common import Superseded, file_digest
 from tests.conftest import REPO
 from tests.integration.checkpoint_worker import BASE, run
 from tests.integration.test_resume import free_port
@@ -149,16 +149,19 @@ def test_placement_switch_gives_the_same_losses(single_rank, tmp_path, switch, s
 
 
 def test_an_attempt_whose_directory_was_taken_over_stops_without_writing(single_rank, tmp_path):
-    """What the workers of a killed driver see when a new launch takes the step over."""
+    """What the workers of a killed driver see when a new launch takes the step over (the stop
+    channel of a training step's directory, pipelines/storage.py)."""
+    from pipelines.storage import OWNER_FILE, StopFiles
+
     out_dir = fresh_dir(tmp_path, "superseded")
-    (out_dir / training.OWNER_FILE).write_text("killed launch")
+    (out_dir / OWNER_FILE).write_text("killed launch")
 
     def take_over(step, _engine):
         if step == 3:
-            (out_dir / training.OWNER_FILE).write_text("new launch")
+            (out_dir / OWNER_FILE).write_text("new launch")
 
-    with pytest.raises(training.Superseded, match="another launch took over"):
-        run(out_dir, dataclasses.replace(BASE, checkpoint_every=2), on_step=take_over)
+    with pytest.raises(Superseded, match="another launch took over"):
+        run(out_dir, dataclasses.replace(BASE, checkpoint_every=2), on_step=take_over, stop=StopFiles(out_dir))
     assert sorted(p.name for p in (out_dir / "checkpoints").glob("step*")) == ["step00000002"]  # none after step 3
 
 

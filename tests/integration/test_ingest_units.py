@@ -13,7 +13,7 @@ import pytest
 
 from conf.schema import DataConfig, NearDedupConfig
 from tasks import ingest, units
-from tasks.common import TaskContext, serial_map
+from tasks.common import Mirror, SharedFolder, TaskContext, serial_map
 from tests.unit.test_quality import FAILING, prose
 
 
@@ -39,7 +39,7 @@ def write_corpus(corpus) -> DataConfig:
                       near_dedup=NearDedupConfig(enabled=True), docs_per_shard=40)
 
 
-def run_ingest(cfg: DataConfig, out_dir, work_dir=None, parallel_map=serial_map, mirror=None) -> dict:
+def run_ingest(cfg: DataConfig, out_dir, work_dir=None, parallel_map=serial_map, mirror: Mirror = SharedFolder()) -> dict:
     out_dir.mkdir(parents=True)
     return ingest.run(cfg, {}, out_dir, TaskContext("ingest", parallel_map=parallel_map, work_dir=work_dir,
                                                     mirror=mirror))

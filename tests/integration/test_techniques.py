@@ -98,11 +98,11 @@ def test_evaluate_reports_perturbed_inputs_and_an_int8_model(steps, tmp_path, ob
 
 
 def test_early_stopping_survives_a_stop_and_resume(steps, tmp_path):
-    """Stopped (SIGTERM's stop file) after step 2 and resumed: the same best step, stop and exported weights."""
+    """Stopped (a stop request, as SIGTERM makes) after step 2 and resumed: the same best step, stop and exported weights."""
     from safetensors.torch import load_file
 
     from conf.schema import FinetuneStepConfig
-    from tasks.training import STOP_FILE
+    from tasks.common import StopFlag
 
     cfg, dirs, _ = steps
     settings = dict(method="full", precision="fp32", lr=0.03, warmup_steps=0, max_steps=8, eval_every=1, eval_batches=2,
@@ -110,12 +110,11 @@ def test_early_stopping_survives_a_stop_and_resume(steps, tmp_path):
                     early_stopping=EarlyStoppingConfig(patience=2, metric="val_loss"))
     _, whole = run_finetune(cfg, dirs, tmp_path / "whole", **settings)
     (tmp_path / "resumed").mkdir()
-    (tmp_path / "resumed" / STOP_FILE).touch()
     ft = dataclasses.replace(cfg.finetune, **settings)
     inputs = {"pretrain": dirs["pretrain"], "taskdata": dirs["taskdata"]}
-    first = finetune.train_worker(FinetuneStepConfig(ft, cfg.task), inputs, tmp_path / "resumed", TaskContext("finetune"))
+    first = finetune.train_worker(FinetuneStepConfig(ft, cfg.task), inputs, tmp_path / "resumed",
+                                  TaskContext("finetune", stop=StopFlag(asked=True)))
     assert first == {"stopped_at_step": 1}
-    (tmp_path / "resumed" / STOP_FILE).unlink()
     again = finetune.train_worker(FinetuneStepConfig(ft, cfg.task), inputs, tmp_path / "resumed", TaskContext("finetune"))
     assert {k: again[k] for k in ("best_step", "last_step", "best_val_loss")} == \
         {k: whole[k] for k in ("best_step", "last_step", "best_val_loss")}

@@ -148,3 +148,33 @@ def test_absurd_values_stop_with_the_key_and_what_is_sensible(overrides, key):
     if key.endswith(".lr"):
         with pytest.raises(UserError, match="a learning rate above 1 diverges; typical values 1e-4..1e-2"):
             validate(cfg)
+
+
+def test_bounds_belong_to_the_field_not_to_its_bare_name():
+    """A new setting named like a bounded one (`rate`, a share of words at most 1) inherits nothing;
+    its own declared bounds apply, under its own key."""
+    import dataclasses
+
+    from conf.schema import bounded
+    from pipelines.validate import check_bounds
+
+    @dataclasses.dataclass
+    class Limiter:
+        rate: float = 5000.0
+        """Requests per second: no bound declared."""
+        dropout: float = bounded(2.0, 0)
+        """A bound of its own (no `below=1`)."""
+
+    @dataclasses.dataclass
+    class Tree:
+        limiter: Limiter = dataclasses.field(default_factory=Limiter)
+        robustness_rate: float = bounded(0.1, 0, at_most=1)
+
+    check_bounds(Tree())  # rate=5000 and dropout=2 pass: `rate` and `dropout` elsewhere are shares
+    with pytest.raises(UserError, match=r"^limiter\.dropout: must be at least 0, got -1"):
+        check_bounds(Tree(limiter=Limiter(dropout=-1.0)))
+    with pytest.raises(UserError, match=r"^robustness_rate: must be at most 1, got 1.5"):
+        check_bounds(Tree(robustness_rate=1.5))
+    cfg = compose_config(["+experiment=tiny", "eval.robustness.rate=1.5"])
+    with pytest.raises(UserError, match=r"^eval\.robustness\.rate: must be at most 1, got 1.5"):
+        check_bounds(cfg)

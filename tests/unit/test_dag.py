@@ -231,3 +231,49 @@ def test_until_plans_a_step_and_only_what_it_reads(tiny_cfg, tmp_path):
         ["ingest", "tokenize", "pretrain", "taskdata", "finetune.lora", "finetune.full"])
     with pytest.raises(UserError, match=r"until: 'pretrian' is not a step of this experiment; one of ingest, "):
         dag.plan(dataclasses.replace(tiny_cfg, until="pretrian"), tmp_path)
+
+
+def reads_only_earlier_steps(steps) -> bool:
+    seen: set[str] = set()
+    for step in steps:
+        if not set(step.deps) | set(step.members) <= seen:
+            return False
+        seen.add(step.name)
+    return True
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+experiment=tiny"], ["+experiment=tiny", "decontaminate.remove=true", "finetune.replay_fraction=0.2"],
+    ["+experiment=tiny", "decontaminate.enabled=false", "eval.no_pretraining=false"],
+    ["+experiment=tiny_compare", "eval.ensemble=[full,lora]", "decontaminate.remove=true"]])
+def test_the_plan_is_a_topological_order_of_the_enabled_steps(overrides, tmp_path):
+    """Each step after every step it reads; exactly the declared steps whose `enabled` holds."""
+    cfg = compose_config([*overrides, f"paths.root={tmp_path}"])
+    steps = dag.steps_for(cfg)
+    assert reads_only_earlier_steps(steps)
+    assert [s.name for s in steps] == [p.step.name for p in dag.plan(cfg, tmp_path)]
+    assert {s.name for s in steps} == {s.name for s in dag.declared(cfg) if s.enabled(cfg)}
+    assert all(isinstance(dep, str) for s in steps for dep in s.deps)  # every conditional input resolved
+
+
+def test_decontaminate_remove_adds_an_edge_to_the_declared_tokenize_step(tiny_cfg):
+    """decontaminate.remove is a conditional input declared on tokenize; the sort moves the task data
+    and decontamination before it."""
+    assert [dep.step for dep in dag.TOKENIZE.deps if isinstance(dep, dag.Read)] == ["decontaminate"]
+    removing = dataclasses.replace(tiny_cfg, decontaminate=dataclasses.replace(tiny_cfg.decontaminate, remove=True))
+    before, after = ({s.name: s for s in dag.steps_for(cfg)} for cfg in (tiny_cfg, removing))
+    assert before["tokenize"].deps == ("ingest",) and after["tokenize"].deps == ("ingest", "decontaminate")
+    assert {name: s.deps for name, s in before.items() if name != "tokenize"} == \
+        {name: s.deps for name, s in after.items() if name != "tokenize"}
+    assert list(after)[:4] == ["ingest", "taskdata", "decontaminate", "tokenize"]
+
+
+def test_the_sort_keeps_declaration_order_among_ready_steps_and_refuses_a_circle():
+    def step(name, *deps):
+        return dag.Step(name, 1, fn=None, section=None, deps=deps)
+
+    assert [s.name for s in dag.topological((step("a"), step("b", "c"), step("c", "a"), step("d")))] == ["a", "c", "b", "d"]
+    with pytest.raises(ValueError, match="circle"):
+        dag.topological((step("x", "y"), step("y", "x")))
+    with pytest.raises(ValueError, match=r"reads \['z'\]"):
+        dag.topological((step("x", "z"),))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -352,6 +351,19 @@ def test_packed_candidates_see_the_prompt_and_themselves_only():
     assert allowed[1].tolist() == [True, True, False, False, False, False, False]  # causal within the prompt
     assert allowed[:, 6].tolist() == [False] * 6 + [True]  # no token sees padding, which sees itself (no empty row)
     # each candidate's first token is predicted at the prompt's last position, the rest at their own
-    log_probs = torch.log(torch.full((6, 5), 0.2))
-    log_probs[1, 3], log_probs[3, 2] = 0.0, -9.0
-    assert labelscore.target_scores(log_probs, 2, [[3, 4], [3]]) == pytest.approx([0.0 + math.log(0.2), 0.0])
+    assert labelscore.scored_positions(2, [[3, 4], [3]]) == [[1, 2], [1]]
+    assert labelscore.scored_positions(3, [[7], [8, 9, 10]]) == [[2], [2, 4, 5]]
+
+
+def test_the_builtin_chat_task_asks_what_standard_library_functions_do():
+    from tasks import stdlib_chat
+
+    records = stdlib_chat.records()
+    assert 100 < len(records) <= stdlib_chat.MAX_RECORDS and records == stdlib_chat.records()  # deterministic
+    question, answer = records[0]["messages"]
+    assert question["role"] == "user" and question["content"].startswith("What does ") and answer["role"] == "assistant"
+    assert {"What does json.dumps() do?", "What does copy.deepcopy() do?"} <= {r["messages"][0]["content"] for r in records}
+    splits = taskdata.prepare(TaskConfig(kind="chat", builtin="stdlib_chat", train_path=None))
+    assert sum(map(len, splits.values())) == len(records) and all(splits.values())
+    with pytest.raises(UserError, match="task.builtin: unknown data set 'nope' \\(known: stdlib_packages, stdlib_chat\\)"):
+        taskdata.prepare(TaskConfig(kind="chat", builtin="nope"))

@@ -111,7 +111,9 @@ def test_ensemble_averages_member_probabilities(tmp_path):
     taskdata = tmp_path / "taskdata"
     taskdata.mkdir()
     write_json(taskdata / "labels.json", labels)
-    write_jsonl(taskdata / "test.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "c"}])
+    write_jsonl(taskdata / "test.jsonl", [{"text": "apple", "label": "a"}, {"text": "cherry", "label": "c"}])
+    write_jsonl(taskdata / "train.jsonl", [{"text": t, "label": label} for t, label in
+                                           [("apple", "a"), ("apple pie", "a"), ("cherry", "c"), ("banana", "b")]])
     scores = {"one": [[0.0, -1.0, -2.0], [-3.0, -0.1, -1.0]], "two": [[-1.0, -0.8, -9.0], [-5.0, -4.0, -0.2]]}
     dirs = {}
     for name, member in scores.items():
@@ -126,6 +128,13 @@ def test_ensemble_averages_member_probabilities(tmp_path):
     assert np.allclose(report["ensemble_probabilities"], expected)
     assert np.allclose(np.asarray(report["ensemble_probabilities"]).sum(axis=1), 1)
     assert metrics["one_accuracy"] == 0.5 and metrics["two_accuracy"] == 0.5 and metrics["ensemble_accuracy"] == 1.0
+    # beside the classic baselines, each with an interval, and the ensemble's paired differences with them
+    assert metrics["majority_accuracy"] == 0.5 and metrics["tfidf_logreg_accuracy"] == 1.0
+    assert metrics["ensemble_accuracy_low"] == metrics["ensemble_accuracy_high"] == 1.0
+    assert metrics["one_accuracy_low"] == 0.0 and metrics["one_accuracy_high"] == 1.0
+    assert report["comparisons"]["tfidf_logreg"] == {"accuracy_delta": 0.0, "low": 0.0, "high": 0.0, "verdict": "tie"}
+    assert report["comparisons"]["majority"]["accuracy_delta"] == 0.5
+    assert metrics["ensemble_vs_majority_delta"] == 0.5 and metrics["ensemble_vs_tfidf_logreg_high"] == 0.0
 
 
 def test_generation_ensemble_decodes_on_mean_token_log_probabilities():
